@@ -1,0 +1,85 @@
+"""Command line: ``python -m vllm_turboquant {presets,memory} ...``.
+
+``presets`` prints every preset's bits, bytes per token per KV head and
+compression against bf16; ``memory`` prints a model's KV-cache size for bf16,
+fp8 and each preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .layout import check_head_dim, slot_layout
+from .memory import bf16_bytes_per_token_head, estimate_memory
+from .presets import PRESETS, get_preset
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    d = args.head_dim
+    check_head_dim(d)
+    bf16 = bf16_bytes_per_token_head(d)
+    print(f"TurboQuant presets at head_dim {d} (bf16 K+V: {bf16} bytes per token per KV head)")
+    header = f"{'preset':<18}{'key bits':>9}{'QJL m':>7}{'λ':>9}{'value bits':>11}{'bytes':>7}{'pad':>5}{'vs bf16':>9}  description"
+    print(header)
+    print("-" * len(header))
+    for p in PRESETS.values():
+        lay = slot_layout(p, d)
+        lam = f"{p.qjl_lambda(d):.3f}" if lay.has_qjl else "-"
+        print(f"{p.name:<18}{p.key_bits:>9}{lay.qjl_dim:>7}{lam:>9}{p.value_bits:>11}{lay.payload_bytes:>7}"
+              f"{lay.pad_bytes:>5}{bf16 / lay.slot_bytes:>8.2f}x  {p.description}")
+    print("bytes: codes + fp16 norms (+ QJL signs and γ) per token per KV head, K and V; "
+          "pad: alignment bytes added to each slot")
+
+
+def cmd_memory(args: argparse.Namespace) -> None:
+    names = [get_preset(args.preset).name] if args.preset else list(PRESETS)
+    est = [estimate_memory(args.layers, args.kv_heads, args.seq_len, args.head_dim, n) for n in names]
+    print(f"KV cache for {args.seq_len} tokens, {args.layers} layers, {args.kv_heads} KV heads, "
+          f"head_dim {args.head_dim} (per sequence)")
+    print(f"{'dtype':<18}{'size':>14}{'vs bf16':>9}")
+    print(f"{'bf16 / auto':<18}{_gib(est[0].bf16_bytes):>14}{1.0:>8.2f}x")
+    print(f"{'fp8':<18}{_gib(est[0].fp8_bytes):>14}{2.0:>8.2f}x")
+    for e in est:
+        print(f"{e.preset:<18}{_gib(e.preset_bytes):>14}{e.ratio:>8.2f}x")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m vllm_turboquant",
+        description="TurboQuant KV-cache compression for vLLM: inspect presets and KV-cache sizes.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{presets,memory}")
+    p = sub.add_parser("presets", help="list presets with bits, bytes per token per KV head and ratio vs bf16")
+    p.add_argument("--head-dim", type=int, default=128, help="attention head size (default 128)")
+    p.set_defaults(func=cmd_presets)
+    m = sub.add_parser("memory", help="KV-cache size of a model for bf16, fp8 and each preset")
+    m.add_argument("--layers", type=int, required=True, help="attention layers")
+    m.add_argument("--kv-heads", type=int, required=True, help="KV heads per layer")
+    m.add_argument("--head-dim", type=int, required=True, help="attention head size")
+    m.add_argument("--seq-len", type=int, required=True, help="tokens of context")
+    m.add_argument("--preset", help="one preset (default: all)")
+    m.set_defaults(func=cmd_memory)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("layers", "kv_heads", "seq_len"):
+        if getattr(args, name, 1) < 1:
+            print(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
+            return 2
+    try:
+        args.func(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""TurboQuant presets: the names ``--kv-cache-dtype`` accepts.
+
+A preset is one frozen record. Adding a preset is adding one row to
+``PRESETS``; the layout, the reference and the kernels derive everything else
+from the record and the head size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+QJLScale = Literal["unbiased", "optimal"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """How one KV head's key and value vectors are encoded.
+
+    key_bits / value_bits: Lloyd-Max code bits per coordinate (1..4).
+    qjl_ratio: QJL sketch size as a fraction of head_dim (m = qjl_ratio * d);
+        0 means no sketch.
+    qjl_scale: "unbiased" (lambda = 1, the paper) or "optimal" (the
+        variance-optimal lambda* = 1 / (1 + pi d / (2 m))).
+    center_keys: subtract the registry's per-head key mean before quantising
+        (needs calibrated means; without them the mean is zero).
+    """
+
+    name: str
+    key_bits: int
+    value_bits: int
+    qjl_ratio: float = 0.0
+    qjl_scale: QJLScale = "unbiased"
+    center_keys: bool = False
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        for field, bits in (("key_bits", self.key_bits), ("value_bits", self.value_bits)):
+            if bits not in (1, 2, 3, 4):
+                raise ValueError(f"preset {self.name!r}: {field}={bits}, accepted: 1, 2, 3, 4")
+        if not 0.0 <= self.qjl_ratio <= 4.0:
+            raise ValueError(f"preset {self.name!r}: qjl_ratio={self.qjl_ratio}, accepted: 0..4")
+        if self.qjl_scale not in ("unbiased", "optimal"):
+            raise ValueError(
+                f"preset {self.name!r}: qjl_scale={self.qjl_scale!r}, accepted: 'unbiased', 'optimal'"
+            )
+
+    def qjl_dim(self, head_dim: int) -> int:
+        """QJL sketch size m for this head size (a multiple of 8, or 0)."""
+        m = int(round(self.qjl_ratio * head_dim))
+        return 8 * ((m + 7) // 8)
+
+    def qjl_lambda(self, head_dim: int) -> float:
+        """The weight lambda of the QJL correction term (0 without a sketch)."""
+        return qjl_lambda(head_dim, self.qjl_dim(head_dim), self.qjl_scale)
+
+    def qjl_coefficient(self, head_dim: int) -> float:
+        """lambda * sqrt(pi/2) / m: multiplies gamma * <S q~, s> in the score."""
+        return qjl_coefficient(head_dim, self.qjl_dim(head_dim), self.qjl_scale)
+
+    @property
+    def bits_per_coordinate(self) -> float:
+        """Nominal bits per coordinate, keys and values averaged (sketch included)."""
+        return (self.key_bits + self.value_bits + self.qjl_ratio) / 2.0
+
+
+def qjl_lambda(head_dim: int, m: int, scale: QJLScale) -> float:
+    """lambda = 1 (unbiased) or the variance-optimal 1 / (1 + pi d / (2 m)); 0 when m = 0."""
+    if m == 0:
+        return 0.0
+    return 1.0 if scale == "unbiased" else 1.0 / (1.0 + math.pi * head_dim / (2.0 * m))
+
+
+def qjl_coefficient(head_dim: int, m: int, scale: QJLScale) -> float:
+    """lambda * sqrt(pi/2) / m, the factor of gamma * <S q~, s> in a score estimate."""
+    return 0.0 if m == 0 else qjl_lambda(head_dim, m, scale) * math.sqrt(math.pi / 2.0) / m
+
+
+def _row(name: str, key_bits: int, value_bits: int, **kw) -> tuple[str, Preset]:
+    return name, Preset(name, key_bits, value_bits, **kw)
+
+
+PRESETS: dict[str, Preset] = dict(
+    [
+        # Recommended settings: Lloyd-Max codes for keys and values.
+        _row("turboquant4", 4, 4, description="4-bit Lloyd-Max keys and values"),
+        _row("turboquant3", 3, 3, description="3-bit Lloyd-Max keys and values"),
+        _row("turboquant2", 2, 2, description="2-bit Lloyd-Max keys and values"),
+        # The paper's TurboQuant_prod exactly: (b-1)-bit keys + 1-bit QJL (m = d, lambda = 1).
+        _row("turboquant4_qjl", 3, 4, qjl_ratio=1.0, description="paper: 3-bit keys + QJL, 4-bit values"),
+        _row("turboquant3_qjl", 2, 3, qjl_ratio=1.0, description="paper: 2-bit keys + QJL, 3-bit values"),
+        _row("turboquant2_qjl", 1, 2, qjl_ratio=1.0, description="paper: 1-bit keys + QJL, 2-bit values"),
+    ]
+)
+
+
+def preset_names() -> list[str]:
+    """Every accepted preset name, in table order."""
+    return list(PRESETS)
+
+
+def get_preset(name: str | Preset) -> Preset:
+    """Look up a preset by name; an unknown name raises ValueError listing the accepted ones."""
+    if isinstance(name, Preset):
+        return name
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown TurboQuant preset {name!r}; accepted: {', '.join(PRESETS)}"
+        ) from None

@@ -1,0 +1,224 @@
+"""Torch reference of TurboQuant: encode K/V into packed slots, paged decode and
+causal prefill attention read from them.
+
+This is the ground truth the Triton kernels and the CPU serving path are
+tested against: written for clarity, vectorised over tokens and heads.
+
+Shapes: N tokens, H KV heads, Hq = H * G query heads (GQA group G), d head_dim,
+m QJL sketch size. Paged caches are uint8 ``[num_blocks, block_size, H, slot_bytes]``.
+Per key (after subtracting the head's key mean μ)::
+
+    n = ‖k‖,  y = Π k / n,  idx = bucket(y),  ŷ = c[idx],  r = y − ŷ,  γ = ‖r‖,  s = sign(S r)
+    ⟨q, k⟩ ≈ n (⟨Π q, ŷ⟩ + λ γ √(π/2) / m ⟨S Π q, s⟩) + ⟨q, μ⟩
+
+Values: v̂ = n_v Π_vᵀ c_v[idx_v]; attention output Π_vᵀ Σ_i p_i n_v,i c_v[idx_v,i].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import SlotFields, SlotLayout, pack_slots, slot_layout, unpack_slots
+from .presets import Preset, get_preset
+from .registry import LayerTables
+
+
+def _unit_and_norm(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = x.norm(dim=-1)
+    u = torch.where((n > 0).unsqueeze(-1), x / n.clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(-1), 0.0)
+    return u, n
+
+
+def lookup(codes: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Centroid values of codes (..., H, d) under per-head tables centroids (H, K)."""
+    H, K = centroids.shape
+    head = torch.arange(H, device=codes.device).unsqueeze(-1) * K
+    return centroids.reshape(-1)[codes + head]
+
+
+def quantize(x: torch.Tensor, rotation: torch.Tensor, boundaries: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalise, rotate and bucket vectors x (N, H, d) with per-head rotation (H, d, d)
+    and boundaries (H, 2**b - 1). Returns codes (N, H, d) int64 = #{boundaries < y},
+    norms (N, H) float32 and the rotated unit vectors y (N, H, d)."""
+    u, n = _unit_and_norm(x.float())
+    y = torch.einsum("nhd,hed->nhe", u, rotation)
+    N, H, _ = y.shape
+    codes = torch.searchsorted(boundaries.unsqueeze(0).expand(N, H, -1).contiguous(), y.contiguous())
+    return codes, n, y
+
+
+def sketch(y: torch.Tensor, codes: torch.Tensor, centroids: torch.Tensor, qjl: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """QJL sketch of the residual r = y - c[codes]: signs (N, H, m) of +-1 (sign(0) = +1)
+    and gamma = ‖r‖ (N, H). qjl is (H, m, d)."""
+    r = y - lookup(codes, centroids)
+    proj = torch.einsum("nhd,hmd->nhm", r, qjl)
+    return torch.where(proj >= 0, 1.0, -1.0), r.norm(dim=-1)
+
+
+def reconstruct(codes: torch.Tensor, norm: torch.Tensor, rotation: torch.Tensor, centroids: torch.Tensor,
+                signs: torch.Tensor | None = None, gamma: torch.Tensor | None = None,
+                qjl: torch.Tensor | None = None, qjl_coefficient: float = 0.0) -> torch.Tensor:
+    """Dense vectors (..., H, d) equivalent to the estimator: n Πᵀ (c[codes] + coef γ Sᵀ s).
+
+    Without a sketch this is the MSE reconstruction; with one, ⟨q, result⟩ is the
+    QJL-corrected score estimate for every q."""
+    y = lookup(codes, centroids)
+    if signs is not None and signs.shape[-1]:
+        y = y + qjl_coefficient * gamma.unsqueeze(-1) * torch.einsum("...hm,hmd->...hd", signs, qjl)
+    return norm.unsqueeze(-1) * torch.einsum("...he,hed->...hd", y, rotation)
+
+
+def _f16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float16).float()
+
+
+def encode(key: torch.Tensor, value: torch.Tensor, tables: LayerTables, preset: Preset | str) -> SlotFields:
+    """Encode key/value (N, H, d) into slot fields (norms rounded to fp16 as stored)."""
+    codes, n, y = quantize(key.float() - tables.key_mean, tables.key_rotation, tables.key_boundaries)
+    if tables.qjl.shape[1]:
+        signs, gamma = sketch(y, codes, tables.key_centroids, tables.qjl)
+    else:
+        signs, gamma = n.new_zeros(*n.shape, 0), torch.zeros_like(n)
+    vcodes, nv, _ = quantize(value, tables.value_rotation, tables.value_boundaries)
+    return SlotFields(key_codes=codes, key_norm=_f16(n), key_signs=signs, key_gamma=_f16(gamma),
+                      value_codes=vcodes, value_norm=_f16(nv))
+
+
+def encode_slots(key: torch.Tensor, value: torch.Tensor, tables: LayerTables, preset: Preset | str) -> torch.Tensor:
+    """Encode key/value (N, H, d) into uint8 slots (N, H, slot_bytes)."""
+    preset = get_preset(preset)
+    return pack_slots(encode(key, value, tables, preset), slot_layout(preset, key.shape[-1]))
+
+
+def write_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                tables: LayerTables, preset: Preset | str) -> None:
+    """Encode N new tokens and store them in place at flat slot indices (block * block_size + offset).
+
+    cache: uint8 [num_blocks, block_size, H, slot_bytes]; slot_mapping (N,), negative = skip (padding).
+    """
+    keep = slot_mapping >= 0
+    slots = encode_slots(key[keep], value[keep], tables, preset)
+    flat = cache.view(-1, cache.shape[2], cache.shape[3])
+    flat[slot_mapping[keep].long()] = slots
+
+
+def dequantize(fields: SlotFields, tables: LayerTables, preset: Preset | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense keys and values (..., H, d) equivalent to the estimator.
+
+    The returned key k satisfies ⟨q, k⟩ = the preset's score estimate for every q
+    (code term, QJL term with its λ, and the key mean), so dense attention with
+    these tensors is the same computation as attention from the slots.
+    """
+    coef = get_preset(preset).qjl_coefficient(tables.key_rotation.shape[-1])
+    k = reconstruct(fields.key_codes, fields.key_norm, tables.key_rotation, tables.key_centroids,
+                    fields.key_signs, fields.key_gamma, tables.qjl, coef) + tables.key_mean
+    v = reconstruct(fields.value_codes, fields.value_norm, tables.value_rotation, tables.value_centroids)
+    return k, v
+
+
+def gather_slots(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """Slots of positions [0, length) of every sequence: (B, length, H, slot_bytes)."""
+    block_size = cache.shape[1]
+    pos = torch.arange(length, device=cache.device)
+    blocks = block_table[:, pos // block_size].long()  # (B, length)
+    return cache[blocks, pos % block_size]
+
+
+def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """Causal (and sliding-window) visibility of key positions to query positions."""
+    ok = k_pos <= q_pos
+    if sliding_window is not None:
+        ok &= k_pos > q_pos - sliding_window
+    return ok
+
+
+def _softmax(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim with masked entries (rows with nothing visible give zeros)."""
+    if scores.shape[-1] == 0:
+        return scores
+    scores = scores.masked_fill(~visible, float("-inf"))
+    peak = scores.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).min)
+    e = torch.exp(scores - peak) * visible
+    return e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+
+
+def paged_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                 tables: LayerTables, preset: Preset | str, scale: float,
+                 sliding_window: int | None = None) -> torch.Tensor:
+    """One new query per sequence against its cached tokens, read from packed slots.
+
+    query (B, Hq, d); block_table (B, max_blocks) int; seq_lens (B,) tokens in the
+    cache, the query's own included (it sits at position seq_len - 1).
+    Scores use the rotated query; values are accumulated in the rotated space and
+    un-rotated once per query head. Returns float32 (B, Hq, d); empty sequences give zeros.
+    """
+    preset = get_preset(preset)
+    B, Hq, d = query.shape
+    H = tables.num_heads
+    layout = slot_layout(preset, d)
+    L = int(seq_lens.max()) if B else 0
+    fields = unpack_slots(gather_slots(cache, block_table, L), layout)  # (B, L, H, ...)
+
+    q = query.float().reshape(B, H, Hq // H, d)
+    q_rot = torch.einsum("bhgd,hed->bhge", q, tables.key_rotation)
+    y = lookup(fields.key_codes, tables.key_centroids)
+    scores = torch.einsum("bhge,blhe->bhgl", q_rot, y)
+    if layout.has_qjl:
+        q_proj = torch.einsum("bhge,hme->bhgm", q_rot, tables.qjl)
+        sketch = torch.einsum("bhgm,blhm->bhgl", q_proj, fields.key_signs)
+        scores = scores + preset.qjl_coefficient(d) * fields.key_gamma.permute(0, 2, 1).unsqueeze(2) * sketch
+    scores = scores * fields.key_norm.permute(0, 2, 1).unsqueeze(2)
+    scores = scores + torch.einsum("bhgd,hd->bhg", q, tables.key_mean).unsqueeze(-1)
+
+    k_pos = torch.arange(L, device=query.device)
+    visible = (k_pos < seq_lens.unsqueeze(-1)) & _visible(seq_lens.unsqueeze(-1) - 1, k_pos, sliding_window)
+    p = _softmax(scores * scale, visible[:, None, None, :])
+
+    weights = p * fields.value_norm.permute(0, 2, 1).unsqueeze(2)
+    acc = torch.einsum("bhgl,blhe->bhge", weights, lookup(fields.value_codes, tables.value_centroids))
+    out = torch.einsum("bhge,hed->bhgd", acc, tables.value_rotation)
+    return out.reshape(B, Hq, d)
+
+
+def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                    q_pos: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
+    """Causal GQA attention in float32: query (T, Hq, d) at positions q_pos (T,), key/value (L, H, d)
+    at positions 0..L-1. Returns (T, Hq, d)."""
+    T, Hq, d = query.shape
+    L, H, _ = key.shape
+    q = query.float().reshape(T, H, Hq // H, d)
+    scores = torch.einsum("thgd,lhd->thgl", q, key.float()) * scale
+    visible = _visible(q_pos.unsqueeze(-1), torch.arange(L, device=query.device), sliding_window)
+    p = _softmax(scores, visible[:, None, None, :])
+    return torch.einsum("thgl,lhd->thgd", p, value.float()).reshape(T, Hq, d)
+
+
+def prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor,
+            block_table: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+            tables: LayerTables, preset: Preset | str, scale: float, sliding_window: int | None = None,
+            compressed_chunk: bool = False) -> torch.Tensor:
+    """Causal attention for chunks of new tokens over a compressed cached prefix.
+
+    query (T, Hq, d), key/value (T, H, d): the new tokens of all sequences, packed;
+    sequence b owns rows query_start_loc[b]:query_start_loc[b+1] and has seq_lens[b]
+    tokens in total, the new ones last (they must already be written to the cache).
+    The prefix is read from the slots; the chunk's own K/V are exact, or read from
+    the slots too when ``compressed_chunk`` (what decode would see). Returns (T, Hq, d).
+    """
+    preset = get_preset(preset)
+    layout = slot_layout(preset, query.shape[-1])
+    out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
+    for b in range(len(seq_lens)):
+        start, stop, L = int(query_start_loc[b]), int(query_start_loc[b + 1]), int(seq_lens[b])
+        if stop == start:
+            continue
+        ctx = L - (stop - start)
+        fields = unpack_slots(gather_slots(cache, block_table[b:b + 1], L)[0], layout)
+        k, v = dequantize(fields, tables, preset)
+        if not compressed_chunk:
+            k[ctx:], v[ctx:] = key[start:stop].float(), value[start:stop].float()
+        q_pos = torch.arange(ctx, L, device=query.device)
+        out[start:stop] = dense_attention(query[start:stop], k, v, scale, q_pos, sliding_window)
+    return out
