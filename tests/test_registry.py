@@ -140,3 +140,11 @@ def test_layer_out_of_range_and_bad_spec():
         reg.layer(2)
     with pytest.raises(ValueError, match="unsupported head_dim 65"):
         CodebookRegistry.default("turboquant3", 65, 2, 1)
+
+
+def test_registry_accepts_a_preset_record_outside_the_table():
+    from vllm_turboquant.presets import Preset
+
+    custom = Preset("k3v3_qjl_half", 3, 3, qjl_ratio=0.5, qjl_scale="optimal")
+    t = CodebookRegistry.default(custom, 64, 1, 2).layer(0)
+    assert t.qjl.shape == (2, 32, 64) and t.key_centroids.shape == (2, 8)

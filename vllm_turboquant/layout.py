@@ -5,7 +5,8 @@ One slot holds one token of one KV head::
     [ key codes | key QJL signs | key n (fp16) | key gamma (fp16) | value codes | value n_v (fp16) | pad ]
 
 Fields that a preset does not use (signs and gamma without a QJL sketch) take
-zero bytes. Codes are bit-packed little-endian: coordinate j of a b-bit field
+zero bytes. Every field starts 2-byte aligned (padding only appears when a
+code field has an odd byte count, i.e. head_dim not a multiple of 16). Codes are bit-packed little-endian: coordinate j of a b-bit field
 occupies bits [j*b, (j+1)*b) of the field read as one little-endian integer
 (so 3-bit codes put 8 coordinates in 3 bytes). Sign bits use the same rule with
 b = 1, bit set meaning +1.
@@ -43,8 +44,8 @@ class SlotLayout:
     key_gamma: int
     value_codes: int
     value_norm: int
-    payload_bytes: int
-    slot_bytes: int
+    payload_bytes: int  # data bytes, alignment padding excluded
+    slot_bytes: int  # payload + padding
 
     @property
     def key_code_bytes(self) -> int:
@@ -60,6 +61,7 @@ class SlotLayout:
 
     @property
     def pad_bytes(self) -> int:
+        """Alignment padding inside the slot (0 whenever head_dim is a multiple of 16)."""
         return self.slot_bytes - self.payload_bytes
 
     @property
@@ -97,11 +99,12 @@ def slot_layout(preset: Preset | str, head_dim: int) -> SlotLayout:
     preset = get_preset(preset)
     check_head_dim(head_dim)
     d, m = head_dim, preset.qjl_dim(head_dim)
-    offset = 0
+    offset = data = 0
 
-    def field(nbytes: int) -> int:
-        nonlocal offset
-        start, offset = offset, offset + nbytes
+    def field(nbytes: int) -> int:  # fields start SLOT_ALIGN-aligned, so fp16 reads never straddle
+        nonlocal offset, data
+        start, data = offset, data + nbytes
+        offset = -(-(offset + nbytes) // SLOT_ALIGN) * SLOT_ALIGN
         return start
 
     key_codes = field(d * preset.key_bits // 8)
@@ -110,8 +113,7 @@ def slot_layout(preset: Preset | str, head_dim: int) -> SlotLayout:
     key_gamma = field(2 if m else 0)
     value_codes = field(d * preset.value_bits // 8)
     value_norm = field(2)
-    payload = offset
-    slot = -(-payload // SLOT_ALIGN) * SLOT_ALIGN
+    payload, slot = data, offset
     return SlotLayout(
         head_dim=d, key_bits=preset.key_bits, value_bits=preset.value_bits, qjl_dim=m,
         key_codes=key_codes, key_signs=key_signs, key_norm=key_norm, key_gamma=key_gamma,
@@ -185,19 +187,21 @@ class SlotFields:
 
 
 def pack_slots(fields: SlotFields, layout: SlotLayout) -> torch.Tensor:
-    """Pack fields into uint8 slots (..., slot_bytes)."""
+    """Pack fields into uint8 slots (..., slot_bytes); padding bytes are zero."""
     lead = fields.key_codes.shape[:-1]
-    parts = [pack_bits(fields.key_codes, layout.key_bits)]
+    slots = torch.zeros(*lead, layout.slot_bytes, dtype=torch.uint8, device=fields.key_codes.device)
+
+    def put(offset: int, data: torch.Tensor) -> None:
+        slots[..., offset:offset + data.shape[-1]] = data
+
+    put(layout.key_codes, pack_bits(fields.key_codes, layout.key_bits))
+    put(layout.key_norm, _fp16_bytes(fields.key_norm))
     if layout.has_qjl:
-        parts.append(pack_signs(fields.key_signs))
-    parts.append(_fp16_bytes(fields.key_norm))
-    if layout.has_qjl:
-        parts.append(_fp16_bytes(fields.key_gamma))
-    parts.append(pack_bits(fields.value_codes, layout.value_bits))
-    parts.append(_fp16_bytes(fields.value_norm))
-    if layout.pad_bytes:
-        parts.append(torch.zeros(*lead, layout.pad_bytes, dtype=torch.uint8, device=fields.key_codes.device))
-    return torch.cat(parts, dim=-1)
+        put(layout.key_signs, pack_signs(fields.key_signs))
+        put(layout.key_gamma, _fp16_bytes(fields.key_gamma))
+    put(layout.value_codes, pack_bits(fields.value_codes, layout.value_bits))
+    put(layout.value_norm, _fp16_bytes(fields.value_norm))
+    return slots
 
 
 def unpack_slots(slots: torch.Tensor, layout: SlotLayout) -> SlotFields:

@@ -75,7 +75,6 @@ class RegistrySpec:
     model: str = ""
 
     def __post_init__(self) -> None:
-        get_preset(self.preset)
         check_head_dim(self.head_dim)
         if self.rotation not in ROTATION_KINDS:
             raise ValueError(f"unknown rotation {self.rotation!r}; accepted: {', '.join(ROTATION_KINDS)}")
@@ -94,21 +93,19 @@ class CodebookRegistry:
     value_centroids, key_mean), each of shape (L, H, ...).
     """
 
-    def __init__(self, spec: RegistrySpec, calibrated: dict[str, torch.Tensor] | None = None):
+    def __init__(self, spec: RegistrySpec, calibrated: dict[str, torch.Tensor] | None = None,
+                 preset: Preset | None = None):
         self.spec = spec
+        self.preset = preset if preset is not None else get_preset(spec.preset)  # a record not in PRESETS works too
         self.calibrated = dict(calibrated or {})
         self._layers: dict[int, LayerTables] = {}
-
-    @property
-    def preset(self) -> Preset:
-        return get_preset(self.spec.preset)
 
     @classmethod
     def default(cls, preset: str | Preset, head_dim: int, num_layers: int, num_kv_heads: int,
                 seed: int = 0, rotation: RotationKind = "haar", model: str = "") -> "CodebookRegistry":
         """The data-oblivious registry."""
-        name = get_preset(preset).name
-        return cls(RegistrySpec(name, head_dim, num_layers, num_kv_heads, seed, rotation, model))
+        preset = get_preset(preset)
+        return cls(RegistrySpec(preset.name, head_dim, num_layers, num_kv_heads, seed, rotation, model), preset=preset)
 
     def layer(self, index: int) -> LayerTables:
         """Tables of layer ``index`` for all global KV heads (CPU, float32)."""
@@ -184,6 +181,7 @@ def load_registry(path: str | Path, *, model: str | None = None, preset: str | N
         raise CalibrationError(f"calibration file {str(path)!r} does not match: " + "; ".join(wrong))
     try:
         spec = RegistrySpec(**{f.name: meta[f.name] for f in fields(RegistrySpec)})
+        get_preset(spec.preset)
     except (KeyError, TypeError, ValueError) as exc:
         raise CalibrationError(f"calibration file {str(path)!r} has invalid metadata: {exc}") from exc
     _check_calibrated_shapes(path, spec, tensors)
@@ -191,7 +189,7 @@ def load_registry(path: str | Path, *, model: str | None = None, preset: str | N
 
 
 def _check_calibrated_shapes(path: Path, spec: RegistrySpec, tensors: dict[str, torch.Tensor]) -> None:
-    p = get_preset(spec.preset)
+    p = get_preset(spec.preset)  # checked by the caller
     L, H, d = spec.num_layers, spec.num_kv_heads, spec.head_dim
     shapes = {
         "key_boundaries": (L, H, 2 ** p.key_bits - 1), "key_centroids": (L, H, 2 ** p.key_bits),
@@ -237,7 +235,7 @@ def calibrate(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], pres
             out[f"{prefix}_boundaries"].append(torch.stack([b for b, _ in fitted]))
             out[f"{prefix}_centroids"].append(torch.stack([c for _, c in fitted]))
         out["key_mean"].append(mean)
-    return CodebookRegistry(base.spec, {name: torch.stack(ts) for name, ts in out.items()})
+    return CodebookRegistry(base.spec, {name: torch.stack(ts) for name, ts in out.items()}, base.preset)
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# GPU check for the Triton kernels: compiled tests + decode and store benchmarks, < 6 minutes.
+#
+#   bash benchmarks/gpu_check.sh            # report in benchmarks/out/ (or $OUT when set)
+#   PYTHON=/path/to/python bash benchmarks/gpu_check.sh
+#
+# Needs torch (CUDA), triton, scipy, safetensors and this package (installed
+# editable with --no-deps when it is not importable).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+REPORT_DIR="${OUT:-benchmarks/out}"
+mkdir -p "$REPORT_DIR"
+REPORT="$REPORT_DIR/gpu_check.txt"
+: > "$REPORT"
+log() { echo "$@" | tee -a "$REPORT"; }
+
+export TRITON_INTERPRET=0   # the test module defaults to the interpreter; compile here
+log "== gpu_check $(date -u +%FT%TZ)"
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')" 2>&1 | tee -a "$REPORT"
+if ! "$PY" -c "import vllm_turboquant" 2>/dev/null; then
+    log "== installing vllm_turboquant (editable, --no-deps)"
+    "$PY" -m pip install --no-deps -e . 2>&1 | tail -2 | tee -a "$REPORT"
+fi
+"$PY" -c "import pytest" 2>/dev/null || "$PY" -m pip install -q pytest 2>&1 | tail -1 | tee -a "$REPORT"
+
+status=0
+log "== tests/test_kernels.py (compiled)"
+timeout 200 "$PY" -m pytest tests/test_kernels.py -q -rfE -p no:cacheprovider --durations=5 2>&1 | tee -a "$REPORT"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+log "== decode_bench --quick"
+timeout 120 "$PY" benchmarks/decode_bench.py --quick --json "$REPORT_DIR/decode_bench.json" 2>&1 | tee -a "$REPORT"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+log "== store_bench"
+timeout 40 "$PY" benchmarks/store_bench.py --tokens 16,4096,32768 --presets turboquant3,turboquant3_qjl 2>&1 | tee -a "$REPORT"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+log "== gpu_check done, status $status (report: $REPORT)"
+exit $status

@@ -1,0 +1,152 @@
+"""Triton helpers shared by every TurboQuant kernel: reading and writing the packed slot fields.
+
+A slot is a run of ``SLOT_BYTES`` uint8 (see ``vllm_turboquant.layout``); every
+field offset and bit width arrives as a ``tl.constexpr`` from
+``SlotLayout.constexprs()``, so nothing here knows where a field lives.
+
+* ``load_codes`` / ``store_codes``: b-bit little-endian code fields (b = 1 for QJL signs).
+* ``load_fp16`` / ``store_fp16``: fp16 scalars, byte by byte (fields need not be 2-byte aligned).
+* ``lookup``: codebook decode. The table (2**b fp32 entries) is held in registers and
+  indexed with ``tl.gather``; ``LOOKUP="load"`` falls back to a gather load from the
+  (L1-resident) table in global memory.
+* ``unrotate_store``: out = Πᵀ x for a tile of rotated rows, written in column chunks.
+
+Host side: ``kernel_layout`` (constexpr kwargs for a preset and head size),
+``next_pow2``, ``dot_precision``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..layout import SlotLayout, slot_layout
+from ..presets import Preset, get_preset
+
+#: How codebook entries are looked up: "gather" (register table + tl.gather) or "load".
+DEFAULT_LOOKUP = "gather"
+
+
+# ---------------------------------------------------------------------------
+# Host helpers
+# ---------------------------------------------------------------------------
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def kernel_layout(preset: Preset | str, head_dim: int) -> tuple[SlotLayout, dict[str, int]]:
+    """The slot layout and its constexpr kwargs (plus padded block sizes BLOCK_D / BLOCK_QJL)."""
+    layout = slot_layout(get_preset(preset), head_dim)
+    kw = layout.constexprs()
+    kw["BLOCK_D"] = next_pow2(head_dim)
+    kw["BLOCK_QJL"] = max(16, next_pow2(layout.qjl_dim))
+    return layout, kw
+
+
+def dot_precision(device: torch.device) -> str:
+    """fp32 tl.dot precision: 3xTF32 (fp32-accurate on tensor cores) where TF32 exists."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        return "tf32x3"
+    return "ieee"
+
+
+def check_tables(tables, device: torch.device) -> None:
+    if tables.key_rotation.device != device:
+        raise ValueError(f"LayerTables live on {tables.key_rotation.device}, the cache on {device}: "
+                         "move them with tables.to(device)")
+
+
+# ---------------------------------------------------------------------------
+# Device helpers
+# ---------------------------------------------------------------------------
+
+@triton.jit
+def load_codes(slot_ptrs, mask, OFFSET: tl.constexpr, BITS: tl.constexpr, N: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """Codes [S, BLOCK] int32 of the BITS-bit field at OFFSET of slots ``slot_ptrs`` [S].
+
+    Coordinate j sits at bits [j*BITS, (j+1)*BITS) of the field; j >= N and masked
+    slots read as 0. A 3-bit code may straddle two bytes, so it reads a second byte.
+    """
+    j = tl.arange(0, BLOCK)
+    bit = j * BITS
+    ok = mask[:, None] & (j < N)[None, :]
+    ptrs = slot_ptrs[:, None] + (OFFSET + bit // 8)[None, :]
+    word = tl.load(ptrs, mask=ok, other=0).to(tl.int32)
+    if (8 % BITS) != 0:
+        straddles = (bit % 8 + BITS) > 8
+        hi = tl.load(ptrs + 1, mask=ok & straddles[None, :], other=0).to(tl.int32)
+        word = word | (hi << 8)
+    return (word >> (bit % 8)[None, :]) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def store_codes(field_ptr, codes, BITS: tl.constexpr, N, BLOCK: tl.constexpr):
+    """Pack codes [BLOCK] (< 2**BITS) into the field at ``field_ptr``; only the first N (a multiple of 8)."""
+    groups = tl.reshape(codes.to(tl.int64), (BLOCK // 8, 8))
+    word = tl.sum(groups << (tl.arange(0, 8) * BITS)[None, :], axis=1)  # disjoint bits: sum == or
+    k = tl.arange(0, 4)  # a group of 8 codes fills BITS <= 4 bytes
+    byte = (word[:, None] >> (k * 8)[None, :]) & 0xFF
+    g = tl.arange(0, BLOCK // 8)
+    ptrs = field_ptr + (g * BITS)[:, None] + k[None, :]
+    tl.store(ptrs, byte.to(tl.uint8), mask=(g < N // 8)[:, None] & (k < BITS)[None, :])
+
+
+@triton.jit
+def load_fp16(ptrs, mask):
+    """fp16 fields at byte pointers ``ptrs`` (any alignment) as float32; masked -> 0."""
+    lo = tl.load(ptrs, mask=mask, other=0).to(tl.uint16)
+    hi = tl.load(ptrs + 1, mask=mask, other=0).to(tl.uint16)
+    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def store_fp16(ptr, x):
+    """Store float32 scalar x as fp16 (round to nearest even) at byte pointer ``ptr``."""
+    bits = x.to(tl.float16).to(tl.uint16, bitcast=True)
+    tl.store(ptr, (bits & 0xFF).to(tl.uint8))
+    tl.store(ptr + 1, (bits >> 8).to(tl.uint8))
+
+
+@triton.jit
+def load_table(table_ptr, BITS: tl.constexpr):
+    """One head's codebook, 2**BITS float32 entries, into registers."""
+    return tl.load(table_ptr + tl.arange(0, 1 << BITS))
+
+
+@triton.jit
+def lookup(table, table_ptr, codes, BITS: tl.constexpr, LOOKUP: tl.constexpr):
+    """Centroids table[codes] for codes [S, D]; ``table`` is ``load_table(table_ptr, BITS)``."""
+    if LOOKUP == "gather":
+        rows = tl.broadcast_to(table[None, :], (codes.shape[0], 1 << BITS))
+        return tl.gather(rows, codes, axis=1)
+    else:
+        return tl.load(table_ptr + codes)
+
+
+@triton.jit
+def bucketize(y, bnd_ptr, BITS: tl.constexpr):
+    """Codes [D] int32 = number of the 2**BITS - 1 boundaries strictly below y [D]."""
+    k = tl.arange(0, 1 << BITS)
+    bnd = tl.load(bnd_ptr + k, mask=k < (1 << BITS) - 1, other=float("inf"))
+    return tl.sum((bnd[None, :] < y[:, None]).to(tl.int32), axis=1)
+
+
+@triton.jit
+def unrotate_store(x, rot_ptr, out_rows, row_mask, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """out[r, :] = Πᵀ x[r, :] for x [R, BLOCK_D] rotated rows; Π (HEAD_DIM, HEAD_DIM) at rot_ptr.
+
+    ``out_rows`` [R] points at each output row; written BLOCK_OUT columns at a time
+    so Π never has to sit in registers whole.
+    """
+    e = tl.arange(0, BLOCK_D)
+    for c0 in tl.static_range(0, BLOCK_D, BLOCK_OUT):
+        c = c0 + tl.arange(0, BLOCK_OUT)
+        rot = tl.load(rot_ptr + e[:, None] * HEAD_DIM + c[None, :],
+                      mask=(e < HEAD_DIM)[:, None] & (c < HEAD_DIM)[None, :], other=0.0)
+        y = tl.dot(x, rot, input_precision=DOT_PRECISION)
+        out_ptrs = out_rows[:, None] + c[None, :]
+        tl.store(out_ptrs, y.to(out_ptrs.dtype.element_ty), mask=row_mask[:, None] & (c < HEAD_DIM)[None, :])
