@@ -6,9 +6,16 @@ vLLM-style bf16 cache ([blocks, block_size, H, d] for K and for V). Both are tim
 with ``triton.testing.do_bench`` (median, L2 flushed between runs). Caches hold
 random bytes with valid fp16 norms: decode cost does not depend on the values.
 
+Our cache is laid out as vLLM serves it by default (``--cache-layout vllm``):
+allocated uint8 [blocks, H, block_size, slot_bytes] and passed permuted to
+[blocks, block_size, H, slot_bytes], so a KV head's tokens are adjacent within a
+block. ``--cache-layout contiguous`` benchmarks a contiguous [blocks, block_size, H,
+slot_bytes] cache instead (tokens H slots apart).
+
     python benchmarks/decode_bench.py                      # full sweep (H100: ~2 min)
     python benchmarks/decode_bench.py --quick              # a few points
     python benchmarks/decode_bench.py --contexts 8192 --batches 1,16 --gqa 8 --presets turboquant3
+    python benchmarks/decode_bench.py --quick --cache-layout contiguous
 
 Columns: time per decode step (us), effective GB/s of cache bytes read
 (slot bytes for ours, 2 x d x 2 bytes for bf16), speed-up over bf16.
@@ -133,9 +140,20 @@ def bf16_paged_decode(query, k_cache, v_cache, block_table, seq_lens, scale, num
 # Harness
 # ---------------------------------------------------------------------------
 
-def random_slots(num_blocks, block_size, H, layout, device):
-    """Random code/sign bytes; norms, gamma = fp16 1.0 (random fp16 bytes could be inf/NaN)."""
-    cache = torch.randint(0, 256, (num_blocks, block_size, H, layout.slot_bytes), dtype=torch.uint8, device=device)
+def random_slots(num_blocks, block_size, H, layout, device, cache_layout="vllm"):
+    """Random code/sign bytes; norms, gamma = fp16 1.0 (random fp16 bytes could be inf/NaN).
+
+    Returns a [num_blocks, block_size, H, slot_bytes] cache: with ``cache_layout="vllm"`` a
+    permuted view of vLLM's [num_blocks, H, block_size, slot_bytes] allocation, else contiguous.
+    """
+    if cache_layout == "vllm":
+        cache = torch.randint(0, 256, (num_blocks, H, block_size, layout.slot_bytes), dtype=torch.uint8,
+                              device=device).permute(0, 2, 1, 3)
+    elif cache_layout == "contiguous":
+        cache = torch.randint(0, 256, (num_blocks, block_size, H, layout.slot_bytes), dtype=torch.uint8,
+                              device=device)
+    else:
+        raise ValueError(f"unknown cache layout {cache_layout!r}")
     one = torch.tensor([1.0], dtype=torch.float16).view(torch.uint8).to(device)
     fields = [layout.key_norm, layout.value_norm] + ([layout.key_gamma] if layout.has_qjl else [])
     for off in fields:
@@ -175,12 +193,12 @@ def time_ms(fn) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def bench_point(preset, B, ctx, H, G, D, block_size, device, num_splits=None):
+def bench_point(preset, B, ctx, H, G, D, block_size, device, num_splits=None, cache_layout="vllm"):
     layout = slot_layout(preset, D)
     blocks_per_seq = triton.cdiv(ctx, block_size)
     num_blocks = B * blocks_per_seq
     tables = CodebookRegistry.default(preset, D, 1, H).layer(0).to(device)
-    cache = random_slots(num_blocks, block_size, H, layout, device)
+    cache = random_slots(num_blocks, block_size, H, layout, device, cache_layout)
     block_table = torch.randperm(num_blocks, device=device).reshape(B, blocks_per_seq).int()
     seq_lens = torch.full((B,), ctx, dtype=torch.int32, device=device)
     query = torch.randn(B, H * G, D, device=device, dtype=torch.bfloat16)
@@ -196,7 +214,8 @@ def bench_point(preset, B, ctx, H, G, D, block_size, device, num_splits=None):
     del k_cache, v_cache
     tokens = B * ctx * H
     return dict(preset=preset, batch=B, context=ctx, kv_heads=H, gqa=G, head_dim=D, block_size=block_size,
-                splits=splits, slot_bytes=layout.slot_bytes, us=ours * 1e3, bf16_us=base * 1e3,
+                cache_layout=cache_layout, splits=splits, slot_bytes=layout.slot_bytes, us=ours * 1e3,
+                bf16_us=base * 1e3,
                 gbps=tokens * layout.slot_bytes / ours / 1e6, bf16_gbps=tokens * 4 * D / base / 1e6,
                 speedup=base / ours)
 
@@ -211,6 +230,9 @@ def main(argv=None) -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--num-splits", type=int, default=None, help="default: default_num_splits(batch, heads)")
+    ap.add_argument("--cache-layout", choices=["vllm", "contiguous"], default="vllm",
+                    help="our cache: vLLM's [blocks, H, block_size, slot] permuted (default) or contiguous "
+                         "[blocks, block_size, H, slot]")
     ap.add_argument("--max-gb", type=float, default=40.0, help="skip points whose bf16 cache is larger")
     ap.add_argument("--quick", action="store_true", help="a handful of points (gpu_check.sh)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
@@ -230,6 +252,7 @@ def main(argv=None) -> int:
         print(f"decode_bench on {torch.cuda.get_device_name()}")
 
     print(f"bf16 baseline check: max error {check_baseline(device):.2e} vs dense fp32 attention")
+    print(f"TurboQuant cache layout: {args.cache_layout}")
     rows = []
     header = (f"{'preset':<16}{'B':>4}{'ctx':>7}{'G':>3}{'split':>6}{'ours us':>10}{'bf16 us':>10}"
               f"{'ours GB/s':>11}{'bf16 GB/s':>11}{'speedup':>9}")
@@ -240,7 +263,8 @@ def main(argv=None) -> int:
                 for ctx in contexts:
                     if B * ctx * H * D * 4 / 1e9 > args.max_gb:
                         continue
-                    r = bench_point(preset, B, ctx, H, G, D, args.block_size, device, args.num_splits)
+                    r = bench_point(preset, B, ctx, H, G, D, args.block_size, device, args.num_splits,
+                                    args.cache_layout)
                     rows.append(r)
                     print(f"{preset:<16}{B:>4}{ctx:>7}{G:>3}{r['splits']:>6}{r['us']:>10.1f}{r['bf16_us']:>10.1f}"
                           f"{r['gbps']:>11.0f}{r['bf16_gbps']:>11.0f}{r['speedup']:>8.2f}x", flush=True)

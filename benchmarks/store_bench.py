@@ -8,7 +8,9 @@ and writes packed slots (centre, rotate, quantise, QJL sketch, pack).
     python benchmarks/store_bench.py --tokens 256,8192 --presets turboquant3
 
 Columns: time (us), tokens/s (millions), effective GB/s of bytes moved
-(bf16 K/V read + slot bytes written), slowdown vs the bf16 write.
+(bf16 K/V read + slot bytes written), slowdown vs the bf16 write. The packed cache is
+vLLM's [blocks, H, block_size, slot_bytes] permuted (``--cache-layout vllm``, default)
+or a contiguous [blocks, block_size, H, slot_bytes] one (``--cache-layout contiguous``).
 Without CUDA it runs one tiny config under the Triton interpreter (smoke test only).
 """
 
@@ -40,14 +42,18 @@ def time_ms(fn) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def bench_point(preset, N, H, D, block_size, device):
+def bench_point(preset, N, H, D, block_size, device, cache_layout="vllm"):
     layout = slot_layout(preset, D)
     num_blocks = triton.cdiv(2 * N, block_size)
     tables = CodebookRegistry.default(preset, D, 1, H).layer(0).to(device)
     key = torch.randn(N, H, D, device=device, dtype=torch.bfloat16)
     value = torch.randn_like(key)
     slot_mapping = torch.randperm(num_blocks * block_size, device=device)[:N]
-    cache = torch.zeros(num_blocks, block_size, H, layout.slot_bytes, dtype=torch.uint8, device=device)
+    if cache_layout == "vllm":
+        cache = torch.zeros(num_blocks, H, block_size, layout.slot_bytes, dtype=torch.uint8,
+                            device=device).permute(0, 2, 1, 3)
+    else:
+        cache = torch.zeros(num_blocks, block_size, H, layout.slot_bytes, dtype=torch.uint8, device=device)
     ours = time_ms(lambda: store(cache, slot_mapping, key, value, tables, preset))
     k_cache = torch.zeros(num_blocks * block_size, H, D, dtype=torch.bfloat16, device=device)
     v_cache = torch.zeros_like(k_cache)
@@ -69,6 +75,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--cache-layout", choices=["vllm", "contiguous"], default="vllm")
     args = ap.parse_args(argv)
     presets, tokens = args.presets.split(","), [int(x) for x in args.tokens.split(",") if x]
     H, D, device = args.kv_heads, args.head_dim, "cuda"
@@ -77,11 +84,11 @@ def main(argv=None) -> int:
               "as a smoke test of this script; the timings below mean nothing.")
         presets, tokens, H, D, device = ["turboquant3_qjl"], [8], 2, 64, "cpu"
     else:
-        print(f"store_bench on {torch.cuda.get_device_name()}, H={H}, d={D}")
+        print(f"store_bench on {torch.cuda.get_device_name()}, H={H}, d={D}, cache layout {args.cache_layout}")
     print(f"{'preset':<16}{'tokens':>7}{'ours us':>10}{'bf16 us':>10}{'Mtok/s':>9}{'GB/s':>8}{'vs bf16':>10}")
     for preset in presets:
         for N in tokens:
-            r = bench_point(preset, N, H, D, args.block_size, device)
+            r = bench_point(preset, N, H, D, args.block_size, device, args.cache_layout)
             print(f"{preset:<16}{N:>7}{r['us']:>10.1f}{r['bf16_us']:>10.1f}{r['mtok']:>9.2f}{r['gbps']:>8.0f}"
                   f"{r['slowdown']:>9.2f}x", flush=True)
     return 0

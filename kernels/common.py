@@ -12,7 +12,15 @@ field offset and bit width arrives as a ``tl.constexpr`` from
 * ``unrotate_store``: out = Πᵀ x for a tile of rotated rows, written in column chunks.
 
 Host side: ``kernel_layout`` (constexpr kwargs for a preset and head size),
+``cache_strides`` (checks a paged cache and returns its block / token / head strides),
 ``next_pow2``, ``dot_precision``.
+
+Paged caches are uint8 ``[num_blocks, block_size, H, slot_bytes]`` with *any* strides
+for the first three dims (the last must be 1): vLLM allocates ``[num_blocks, H,
+block_size, slot_bytes]`` and the backend passes ``kv_cache.permute(0, 2, 1, 3)``.
+Kernels address the slot of (block, offset, head) as
+``cache + block * stride_cb + offset * stride_cs + head * stride_ch`` in 64-bit
+arithmetic; the field offsets inside a slot still come from ``SlotLayout``.
 """
 
 from __future__ import annotations
@@ -50,6 +58,25 @@ def dot_precision(device: torch.device) -> str:
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
         return "tf32x3"
     return "ieee"
+
+
+def cache_strides(cache: torch.Tensor, num_kv_heads: int | None, slot_bytes: int) -> tuple[int, int, int]:
+    """Check a paged cache and return its (block, token, head) strides in bytes.
+
+    ``cache`` must be uint8 ``[num_blocks, block_size, H, slot_bytes]`` (H == num_kv_heads
+    unless that is None) whose last dim is contiguous (stride 1); the other strides are
+    free (vLLM's ``[num_blocks, H, block_size, slot_bytes]`` cache permuted to this order
+    is the usual case). Raises ValueError otherwise.
+    """
+    heads = "H" if num_kv_heads is None else str(num_kv_heads)
+    want = f"uint8 [num_blocks, block_size, {heads}, {slot_bytes}] with stride 1 in the last dim"
+    if (cache.dtype != torch.uint8 or cache.dim() != 4 or cache.shape[3] != slot_bytes
+            or (num_kv_heads is not None and cache.shape[2] != num_kv_heads)):
+        raise ValueError(f"cache must be {want}, got {cache.dtype} {tuple(cache.shape)}")
+    if cache.stride(3) != 1 and cache.shape[3] > 1:
+        raise ValueError(f"cache must be {want}: got strides {tuple(cache.stride())} "
+                         "(the bytes of a slot must be contiguous)")
+    return cache.stride(0), cache.stride(1), cache.stride(2)
 
 
 def check_tables(tables, device: torch.device) -> None:

@@ -21,6 +21,11 @@ Three launches per step:
 The number of splits is fixed per launch (a function of batch and head counts, not
 of the sequence lengths), so the launch shape is CUDA-graph friendly; splits that
 fall past a short sequence write an empty partial.
+
+The cache is ``[num_blocks, block_size, H, slot_bytes]`` with any strides for the
+first three dims: the slot of (block, offset, KV head) is read at ``block * stride_cb
++ offset * stride_cs + head * stride_ch`` (64-bit). vLLM's [num_blocks, H, block_size,
+slot_bytes] cache, permuted, makes a KV head's tokens adjacent within a block.
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ import triton
 import triton.language as tl
 
 from ..presets import Preset, get_preset
-from .common import (DEFAULT_LOOKUP, check_tables, dot_precision, kernel_layout, load_codes, load_fp16, load_table,
-                     lookup, next_pow2, unrotate_store)
+from .common import (DEFAULT_LOOKUP, cache_strides, check_tables, dot_precision, kernel_layout, load_codes,
+                     load_fp16, load_table, lookup, next_pow2, unrotate_store)
 from .rotate import rotate_rows
 
 LOG2E = 1.4426950408889634
@@ -45,7 +50,7 @@ def _decode_split_kernel(
     q_rot_ptr, q_proj_ptr, q_mu_ptr,  # (B, Hq, D), (B, Hq, M), (B, Hq) float32
     key_cent_ptr, value_cent_ptr,  # (H, 2**KEY_BITS), (H, 2**VALUE_BITS)
     part_acc_ptr, part_max_ptr, part_sum_ptr,  # (B, Hq, SPLITS, D), (B, Hq, SPLITS), (B, Hq, SPLITS)
-    stride_bt, num_kv_heads, block_size, score_scale, qjl_coef, sliding_window,
+    stride_bt, stride_cb, stride_cs, stride_ch, num_kv_heads, block_size, score_scale, qjl_coef, sliding_window,
     G: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, QJL_DIM: tl.constexpr,
     OFF_KEY_CODES: tl.constexpr, OFF_KEY_SIGNS: tl.constexpr, OFF_KEY_NORM: tl.constexpr,
@@ -79,6 +84,7 @@ def _decode_split_kernel(
     value_cent = value_cent_ptr + h * (1 << VALUE_BITS)
     key_table = load_table(key_cent, KEY_BITS)
     value_table = load_table(value_cent, VALUE_BITS)
+    cache_h = cache_ptr + h.to(tl.int64) * stride_ch  # this KV head's slots
 
     m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
@@ -87,7 +93,7 @@ def _decode_split_kernel(
         pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         valid = (pos >= lo) & (pos < seq_len)
         page = tl.load(block_table_ptr + b.to(tl.int64) * stride_bt + pos // block_size, mask=valid, other=0)
-        slot = cache_ptr + ((page.to(tl.int64) * block_size + pos % block_size) * num_kv_heads + h) * SLOT_BYTES
+        slot = cache_h + page.to(tl.int64) * stride_cb + (pos % block_size).to(tl.int64) * stride_cs
 
         y_key = lookup(key_table, key_cent, load_codes(slot, valid, OFF_KEY_CODES, KEY_BITS, HEAD_DIM, BLOCK_D),
                        KEY_BITS, LOOKUP)  # [N, D]
@@ -184,18 +190,20 @@ def paged_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Te
                  lookup_mode: str = DEFAULT_LOOKUP) -> torch.Tensor:
     """One new query per sequence against its cached tokens (same semantics as ``reference.paged_decode``).
 
-    query (B, Hq, d); cache uint8 [num_blocks, block_size, H, slot_bytes]; block_table
+    query (B, Hq, d); cache uint8 [num_blocks, block_size, H, slot_bytes], any strides for
+    the first three dims but stride 1 in the last (vLLM's [num_blocks, H, block_size,
+    slot_bytes] cache is passed as ``kv_cache.permute(0, 2, 1, 3)``); block_table
     (B, max_blocks) int; seq_lens (B,) cached tokens, the query's own included.
     Returns ``out`` (default float32 (B, Hq, d)); empty sequences give zeros.
     """
     preset = get_preset(preset)
     B, Hq, D = query.shape
+    layout, kw = kernel_layout(preset, D)
+    stride_cb, stride_cs, stride_ch = cache_strides(cache, None, layout.slot_bytes)
     H = cache.shape[2]
     G = Hq // H
-    layout, kw = kernel_layout(preset, D)
-    if Hq % H or cache.dtype != torch.uint8 or cache.shape[3] != layout.slot_bytes or not cache.is_contiguous():
-        raise ValueError(f"expected a contiguous uint8 cache [blocks, block_size, {H}, {layout.slot_bytes}] "
-                         f"and Hq a multiple of H; got {cache.dtype} {tuple(cache.shape)}, Hq={Hq}")
+    if H == 0 or Hq % H:
+        raise ValueError(f"Hq={Hq} query heads must be a multiple of the cache's H={H} KV heads")
     check_tables(tables, cache.device)
     if out is None:
         out = torch.empty(B, Hq, D, dtype=torch.float32, device=query.device)
@@ -212,7 +220,8 @@ def paged_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Te
     _decode_split_kernel[(B, H, splits)](
         cache, block_table, seq_lens, q_rot, q_proj if q_proj is not None else q_rot, q_mu,
         tables.key_centroids, tables.value_centroids, part_acc, part_max, part_sum,
-        block_table.stride(0), H, cache.shape[1], scale * LOG2E, preset.qjl_coefficient(D),
+        block_table.stride(0), stride_cb, stride_cs, stride_ch, H, cache.shape[1], scale * LOG2E,
+        preset.qjl_coefficient(D),
         sliding_window or 0,
         G=G, NUM_SPLITS=splits, BLOCK_G=block_g, **kw, LOOKUP=lookup_mode, DOT_PRECISION=prec,
         **decode_config(D),

@@ -13,6 +13,10 @@ Values of both loops are accumulated in the rotated value space: slot values as
 n_v · c_v[idx], fresh values pre-rotated once per row by ``rotate_rows`` (Π_v v).
 The tile is un-rotated once at the end, o = Π_vᵀ acc / l. Causality and the
 sliding window are per-row masks; loops only visit keys some row can see.
+
+The cache is ``[num_blocks, block_size, H, slot_bytes]`` with any strides for the
+first three dims: the slot of (block, offset, KV head) is read at ``block * stride_cb
++ offset * stride_cs + head * stride_ch`` (64-bit).
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ import triton
 import triton.language as tl
 
 from ..presets import Preset, get_preset
-from .common import (DEFAULT_LOOKUP, check_tables, dot_precision, kernel_layout, load_codes, load_fp16, load_table,
-                     lookup, next_pow2, unrotate_store)
+from .common import (DEFAULT_LOOKUP, cache_strides, check_tables, dot_precision, kernel_layout, load_codes,
+                     load_fp16, load_table, lookup, next_pow2, unrotate_store)
 from .decode import LOG2E
 from .rotate import rotate_rows
 
@@ -46,7 +50,7 @@ def _prefill_kernel(
     q_rot_ptr, q_proj_ptr, q_mu_ptr,  # (T, Hq, D), (T, Hq, M), (T, Hq) float32
     key_cent_ptr, value_cent_ptr, value_rot_mat_ptr, out_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh,
-    stride_bt, num_kv_heads, block_size, score_scale, qjl_coef, sliding_window,
+    stride_bt, stride_cb, stride_cs, stride_ch, num_kv_heads, block_size, score_scale, qjl_coef, sliding_window,
     G: tl.constexpr, TOK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     COMPRESSED_CHUNK: tl.constexpr,
     HEAD_DIM: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, QJL_DIM: tl.constexpr,
@@ -92,6 +96,7 @@ def _prefill_kernel(
     value_cent = value_cent_ptr + h * (1 << VALUE_BITS)
     key_table = load_table(key_cent, KEY_BITS)
     value_table = load_table(value_cent, VALUE_BITS)
+    cache_h = cache_ptr + h.to(tl.int64) * stride_ch  # this KV head's slots
     slot_hi = ctx
     if COMPRESSED_CHUNK:
         slot_hi = last_pos + 1
@@ -99,7 +104,7 @@ def _prefill_kernel(
         pos = k0 + tl.arange(0, BLOCK_N)
         valid = pos < slot_hi
         page = tl.load(block_table_ptr + b.to(tl.int64) * stride_bt + pos // block_size, mask=valid, other=0)
-        slot = cache_ptr + ((page.to(tl.int64) * block_size + pos % block_size) * num_kv_heads + h) * SLOT_BYTES
+        slot = cache_h + page.to(tl.int64) * stride_cb + (pos % block_size).to(tl.int64) * stride_cs
 
         y_key = lookup(key_table, key_cent, load_codes(slot, valid, OFF_KEY_CODES, KEY_BITS, HEAD_DIM, BLOCK_D),
                        KEY_BITS, LOOKUP)
@@ -160,17 +165,20 @@ def prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: 
 
     query (T, Hq, d), key/value (T, H, d): new tokens, sequence b owning rows
     query_start_loc[b]:query_start_loc[b+1] at positions seq_lens[b] - q_len ... seq_lens[b] - 1
-    (already written to the cache). ``max_query_len`` avoids a host sync when known.
-    Returns ``out`` (default float32 (T, Hq, d)).
+    (already written to the cache). cache uint8 [num_blocks, block_size, H, slot_bytes], any
+    strides for the first three dims but stride 1 in the last (vLLM's [num_blocks, H,
+    block_size, slot_bytes] cache is passed as ``kv_cache.permute(0, 2, 1, 3)``).
+    ``max_query_len`` avoids a host sync when known. Returns ``out`` (default float32
+    (T, Hq, d)); rows of ``out`` that no sequence owns are left untouched.
     """
     preset = get_preset(preset)
     T, Hq, D = query.shape
+    layout, kw = kernel_layout(preset, D)
+    stride_cb, stride_cs, stride_ch = cache_strides(cache, None, layout.slot_bytes)
     H = cache.shape[2]
     G = Hq // H
-    layout, kw = kernel_layout(preset, D)
-    if Hq % H or cache.dtype != torch.uint8 or cache.shape[3] != layout.slot_bytes or not cache.is_contiguous():
-        raise ValueError(f"expected a contiguous uint8 cache [blocks, block_size, {H}, {layout.slot_bytes}] "
-                         f"and Hq a multiple of H; got {cache.dtype} {tuple(cache.shape)}, Hq={Hq}")
+    if H == 0 or Hq % H:
+        raise ValueError(f"Hq={Hq} query heads must be a multiple of the cache's H={H} KV heads")
     check_tables(tables, cache.device)
     if out is None:
         out = torch.empty(T, Hq, D, dtype=torch.float32, device=query.device)
@@ -191,7 +199,8 @@ def prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: 
         q_rot, q_proj if q_proj is not None else q_rot, q_mu,
         tables.key_centroids, tables.value_centroids, tables.value_rotation, out,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), out.stride(0), out.stride(1),
-        block_table.stride(0), H, cache.shape[1], scale * LOG2E, preset.qjl_coefficient(D), sliding_window or 0,
+        block_table.stride(0), stride_cb, stride_cs, stride_ch, H, cache.shape[1], scale * LOG2E,
+        preset.qjl_coefficient(D), sliding_window or 0,
         G=G, TOK=tok, COMPRESSED_CHUNK=compressed_chunk, **kw, BLOCK_OUT=min(kw["BLOCK_D"], 64),
         LOOKUP=lookup_mode, DOT_PRECISION=dot_precision(query.device), **cfg,
     )

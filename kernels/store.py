@@ -9,6 +9,10 @@ One program per (new token, KV head) owns exactly one slot and writes all of it:
 sits in registers whole); the code vector stays in registers and is packed
 8 coordinates at a time, exactly as ``layout.pack_bits``. Norms and γ are
 rounded to fp16 like the reference. Tokens with slot_mapping < 0 are skipped.
+
+The cache is ``[num_blocks, block_size, H, slot_bytes]`` with any strides for the
+first three dims (vLLM's block-head-token cache, permuted): slot index i = block *
+block_size + offset lives at ``block * stride_cb + offset * stride_cs + head * stride_ch``.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ import triton
 import triton.language as tl
 
 from ..presets import Preset, get_preset
-from .common import (DEFAULT_LOOKUP, bucketize, check_tables, kernel_layout, load_table, lookup, store_codes,
-                     store_fp16)
+from .common import (DEFAULT_LOOKUP, bucketize, cache_strides, check_tables, kernel_layout, load_table, lookup,
+                     store_codes, store_fp16)
 
 
 @triton.jit
@@ -49,7 +53,7 @@ def _rotate_unit(x_ptr, mean_ptr, rot_ptr, HAS_MEAN: tl.constexpr, HEAD_DIM: tl.
 def _store_kernel(
     cache_ptr, slot_mapping_ptr, key_ptr, value_ptr,
     key_rot_ptr, value_rot_ptr, qjl_ptr, key_bnd_ptr, key_cent_ptr, value_bnd_ptr, key_mean_ptr,
-    stride_kn, stride_kh, stride_vn, stride_vh, num_kv_heads,
+    stride_kn, stride_kh, stride_vn, stride_vh, stride_cb, stride_cs, stride_ch, block_size,
     HEAD_DIM: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, QJL_DIM: tl.constexpr,
     OFF_KEY_CODES: tl.constexpr, OFF_KEY_SIGNS: tl.constexpr, OFF_KEY_NORM: tl.constexpr,
     OFF_KEY_GAMMA: tl.constexpr, OFF_VALUE_CODES: tl.constexpr, OFF_VALUE_NORM: tl.constexpr,
@@ -61,7 +65,8 @@ def _store_kernel(
     slot_index = tl.load(slot_mapping_ptr + t).to(tl.int64)
     if slot_index < 0:
         return
-    slot = cache_ptr + (slot_index * num_kv_heads + h) * SLOT_BYTES
+    slot = (cache_ptr + (slot_index // block_size) * stride_cb + (slot_index % block_size) * stride_cs
+            + h.to(tl.int64) * stride_ch)
     d = tl.arange(0, BLOCK_D)
 
     # -- key --------------------------------------------------------------
@@ -95,15 +100,16 @@ def store(cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor, va
           tables, preset: Preset | str, *, lookup_mode: str = DEFAULT_LOOKUP) -> None:
     """Encode N new tokens into the paged cache in place (same semantics as ``reference.write_cache``).
 
-    cache: uint8 [num_blocks, block_size, H, slot_bytes]; slot_mapping (N,) flat slot
-    index (block * block_size + offset), negative = skip; key/value (N, H, d), any float dtype.
+    cache: uint8 [num_blocks, block_size, H, slot_bytes], any strides for the first three
+    dims but stride 1 in the last (vLLM's [num_blocks, H, block_size, slot_bytes] cache
+    is passed as ``kv_cache.permute(0, 2, 1, 3)``); ValueError otherwise.
+    slot_mapping (N,) flat slot index (block * block_size + offset), negative = skip;
+    key/value (N, H, d), any float dtype.
     """
     preset = get_preset(preset)
     N, H, D = key.shape
     layout, kw = kernel_layout(preset, D)
-    if cache.dtype != torch.uint8 or cache.shape[2:] != (H, layout.slot_bytes) or not cache.is_contiguous():
-        raise ValueError(f"cache must be contiguous uint8 [blocks, block_size, {H}, {layout.slot_bytes}], "
-                         f"got {cache.dtype} {tuple(cache.shape)}")
+    stride_cb, stride_cs, stride_ch = cache_strides(cache, H, layout.slot_bytes)
     check_tables(tables, cache.device)
     if N == 0:
         return
@@ -114,7 +120,8 @@ def store(cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor, va
         cache, slot_mapping, key, value,
         tables.key_rotation, tables.value_rotation, tables.qjl if layout.has_qjl else tables.key_rotation,
         tables.key_boundaries, tables.key_centroids, tables.value_boundaries, tables.key_mean,
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1), H,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1), stride_cb, stride_cs, stride_ch,
+        cache.shape[1],
         **kw, BLOCK_C=min(block_d, 8192 // block_d), BLOCK_S=max(8, min(kw["BLOCK_QJL"], 8192 // block_d)),
         LOOKUP=lookup_mode, num_warps=4 if block_d <= 128 else 8,
     )

@@ -165,3 +165,22 @@ def test_encode_codes_are_nearest_centroids():
     nearest = (y.unsqueeze(-1) - tables.key_centroids[None, :, None, :]).abs().argmin(-1)
     assert torch.equal(f.key_codes, nearest)
     assert torch.allclose(f.key_norm, k.norm(dim=-1), rtol=1e-3)
+
+
+def test_block_head_token_cache_views_work_like_contiguous_caches():
+    """vLLM's CPU cache is [blocks, H, block_size, slot]; its permuted view serves the reference as is."""
+    preset, d, H = "turboquant3_qjl", 64, 2
+    tables = make_tables(preset, d, H)
+    sb = slot_layout(preset, d).slot_bytes
+    bhn = torch.zeros(6, H, 16, sb, dtype=torch.uint8)
+    view = bhn.permute(0, 2, 1, 3)
+    contiguous = torch.zeros(6, 16, H, sb, dtype=torch.uint8)
+    k, v = torch.randn(40, H, d), torch.randn(40, H, d)
+    mapping = torch.randperm(96)[:40]
+    R.write_cache(view, mapping, k, v, tables, preset)
+    R.write_cache(contiguous, mapping, k, v, tables, preset)
+    assert torch.equal(view, contiguous)
+    bt = torch.arange(6).reshape(1, 6).int()
+    q = torch.randn(1, 4, d)
+    assert torch.equal(R.paged_decode(q, view, bt, torch.tensor([90]), tables, preset, 0.1),
+                       R.paged_decode(q, contiguous, bt, torch.tensor([90]), tables, preset, 0.1))

