@@ -247,3 +247,39 @@ def test_mismatched_calibration_file_is_refused_at_start(models, tmp_path, monke
     monkeypatch.setenv("VLLM_TURBOQUANT_CALIBRATION", str(path))
     with pytest.raises(CalibrationError, match="num_layers is 3 in the file but 4 is expected"):
         _impl(models, "turboquant3")
+
+
+def test_triton_ops_serve_the_same_attention_as_the_torch_path(models):
+    """The Triton kernels (under the interpreter here, see conftest) plugged into the engine: layer
+    outputs match the dense reference, and greedy tokens equal the torch path's."""
+    pytest.importorskip("triton")
+    prompts = ["w1 w2 w3 w4 w5", " ".join(f"w{i}" for i in range(3, 80, 2))]
+    from vllm import SamplingParams
+
+    tokens = {}
+    for ops in ("torch", "triton"):
+        with in_process_llm(str(models["d64_gqa"]), kv_cache_dtype="turboquant3_qjl", dtype="float32",
+                            max_num_batched_tokens=32, additional_config={"turboquant": {"ops": ops}}) as llm:
+            assert all(impl.settings.ops == ops for _, impl in attention_layers(llm))
+            stats = _attach_checker(llm, compressed_prefill=False)
+            outs = llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
+            tokens[ops] = [o.outputs[0].token_ids for o in outs]
+            assert max(stats["errors"]) < 1e-3, ops
+            assert {type(i._ops).__name__ for _, i in attention_layers(llm)} == {"module"}
+            assert {i._ops.__name__ for _, i in attention_layers(llm)} == {
+                "vllm_turboquant.reference" if ops == "torch" else "vllm_turboquant.kernels.ops"}
+    assert tokens["torch"] == tokens["triton"]
+
+
+def test_boundary_layers_through_vllms_skip_layers_flag(models):
+    """--kv-cache-dtype-skip-layers keeps chosen layers at bf16; the KV budget counts both kinds honestly."""
+    with in_process_llm(str(models["d64_gqa"]), kv_cache_dtype="turboquant3", kv_cache_dtype_skip_layers=["0", "3"]
+                        ) as llm:
+        dtypes = [impl.kv_cache_dtype for _, impl in attention_layers(llm)]
+        tokens = kv_cache_tokens(llm)
+        from vllm import SamplingParams
+
+        out = llm.generate(["w1 w2 w3"], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
+    assert dtypes == ["auto", "turboquant3", "turboquant3", "auto"] and len(out[0].outputs[0].token_ids) == 4
+    per_token = 2 * 2 * (2 * 64 * 2) + 2 * 2 * 52  # two bf16 layers + two packed layers, 2 KV heads each
+    assert tokens == pytest.approx(2 ** 30 / per_token, rel=0.01)
