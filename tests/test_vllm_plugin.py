@@ -283,3 +283,23 @@ def test_boundary_layers_through_vllms_skip_layers_flag(models):
     assert dtypes == ["auto", "turboquant3", "turboquant3", "auto"] and len(out[0].outputs[0].token_ids) == 4
     per_token = 2 * 2 * (2 * 64 * 2) + 2 * 2 * 52  # two bf16 layers + two packed layers, 2 KV heads each
     assert tokens == pytest.approx(2 ** 30 / per_token, rel=0.01)
+
+
+def test_preemption_by_recompute_keeps_outputs_correct(models):
+    """A KV cache too small for the batch forces vLLM to preempt and recompute requests; every
+    attention call still matches the dense reference and each request gets all its tokens."""
+    from vllm import SamplingParams
+
+    with in_process_llm(str(models["d64_gqa"]), kv_cache_dtype="turboquant3", dtype="float32", block_size=32,
+                        num_gpu_blocks_override=5, max_model_len=128, max_num_seqs=4) as llm:
+        stats = _attach_checker(llm, compressed_prefill=False)
+        scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+        preempted = []
+        original = scheduler._preempt_request
+        scheduler._preempt_request = lambda request, *a, **kw: (preempted.append(request.request_id),
+                                                                 original(request, *a, **kw))[1]
+        prompts = [" ".join(f"w{(i * 11 + j) % 500}" for j in range(30)) for i in range(4)]
+        outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True), use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [24] * 4
+    assert preempted, "4 x 54 tokens need 8 blocks of 32 and only 5 exist: something must be preempted"
+    assert max(stats["errors"]) < 1e-3
