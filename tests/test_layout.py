@@ -93,3 +93,15 @@ def test_unpack_refuses_wrong_slot_size():
     lay = layout.slot_layout("turboquant3", 64)
     with pytest.raises(ValueError, match="52"):
         layout.unpack_slots(torch.zeros(3, 50, dtype=torch.uint8), lay)
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(1, 4), H=st.integers(1, 3), lead=st.integers(1, 4), groups=st.integers(1, 5),
+       seed=st.integers(0, 2**31 - 1))
+def test_unpack_lookup_equals_unpack_then_table(bits, H, lead, groups, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2 ** bits, (lead, H, 8 * groups), generator=g)
+    values = torch.randn(H, 2 ** bits, generator=g)
+    packed = layout.pack_bits(codes, bits)
+    expected = values[torch.arange(H)[:, None], codes]
+    assert torch.equal(layout.unpack_lookup(packed, bits, 8 * groups, values), expected)

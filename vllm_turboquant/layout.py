@@ -151,6 +151,35 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return codes.reshape(*packed.shape[:-1], n)
 
 
+def _word_table(values: torch.Tensor, bits: int, word_bits: int) -> torch.Tensor:
+    """(H, 2**word_bits, word_bits/bits): the values of every code packed in every possible word."""
+    per = word_bits // bits
+    words = torch.arange(2 ** word_bits, device=values.device)
+    codes = (words[:, None] >> (torch.arange(per, device=values.device) * bits)) & ((1 << bits) - 1)
+    return values[:, codes]
+
+
+def unpack_lookup(packed: torch.Tensor, bits: int, n: int, values: torch.Tensor) -> torch.Tensor:
+    """Decode packed codes straight to per-head table values: the same result as
+    ``values[h, unpack_bits(packed, bits, n)]``, in one gather instead of bit arithmetic per code.
+
+    packed: uint8 (..., H, n*bits/8); values: (H, 2**bits). Returns (..., H, n) in values' dtype.
+    Codes are read a word at a time: a byte for 1, 2 and 4 bits, 12 bits (4 codes) for 3 bits.
+    """
+    H = values.shape[0]
+    if bits == 3:
+        b = packed.reshape(*packed.shape[:-1], -1, 3).to(torch.int32)
+        words = torch.stack([b[..., 0] | (b[..., 1] & 0xF) << 8, b[..., 1] >> 4 | b[..., 2] << 4], -1).flatten(-2)
+        word_bits = 12
+    elif bits in (1, 2, 4):
+        words, word_bits = packed.to(torch.int32), 8
+    else:
+        raise ValueError(f"unpack_lookup handles 1-4 bit codes, got {bits}")
+    table = _word_table(values, bits, word_bits).reshape(H << word_bits, -1)
+    head = (torch.arange(H, device=packed.device, dtype=torch.int32) << word_bits).unsqueeze(-1)
+    return table[words + head].reshape(*packed.shape[:-1], n)
+
+
 def pack_signs(signs: torch.Tensor) -> torch.Tensor:
     """Pack a +-1 tensor (..., m) into uint8 bits (bit set = +1)."""
     return pack_bits((signs > 0).to(torch.int64), 1)
@@ -167,6 +196,11 @@ def _fp16_bytes(x: torch.Tensor) -> torch.Tensor:
 
 def _fp16_from(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float16).squeeze(-1).to(torch.float32)
+
+
+def read_fp16(slots: torch.Tensor, offset: int) -> torch.Tensor:
+    """The fp16 field at ``offset`` of slots (..., slot_bytes), as float32 (...)."""
+    return _fp16_from(slots[..., offset:offset + 2])
 
 
 @dataclass(frozen=True)

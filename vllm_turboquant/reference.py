@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import torch
 
-from .layout import SlotFields, SlotLayout, pack_slots, slot_layout, unpack_slots
+from .layout import SlotFields, pack_slots, read_fp16, slot_layout, unpack_lookup, unpack_slots
 from .presets import Preset, get_preset
 from .registry import LayerTables
+
+
+_SIGN_VALUES = torch.tensor([[-1.0, 1.0]])  # sign bit 0 -> -1, 1 -> +1
 
 
 def _unit_and_norm(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,27 +163,34 @@ def paged_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Te
     preset = get_preset(preset)
     B, Hq, d = query.shape
     H = tables.num_heads
-    layout = slot_layout(preset, d)
+    lay = slot_layout(preset, d)
     L = int(seq_lens.max()) if B else 0
-    fields = unpack_slots(gather_slots(cache, block_table, L), layout)  # (B, L, H, ...)
+    slots = gather_slots(cache, block_table, L)  # (B, L, H, slot_bytes)
+    # Codes are decoded straight to centroid values (a table gather per packed word).
+    y = unpack_lookup(slots[..., lay.key_codes:lay.key_codes + lay.key_code_bytes], lay.key_bits, d,
+                      tables.key_centroids)
 
     q = query.float().reshape(B, H, Hq // H, d)
     q_rot = torch.einsum("bhgd,hed->bhge", q, tables.key_rotation)
-    y = lookup(fields.key_codes, tables.key_centroids)
     scores = torch.einsum("bhge,blhe->bhgl", q_rot, y)
-    if layout.has_qjl:
+    if lay.has_qjl:
+        signs = unpack_lookup(slots[..., lay.key_signs:lay.key_signs + lay.sign_bytes], 1, lay.qjl_dim,
+                              _SIGN_VALUES.to(q.device).expand(H, 2))
         q_proj = torch.einsum("bhge,hme->bhgm", q_rot, tables.qjl)
-        sketch = torch.einsum("bhgm,blhm->bhgl", q_proj, fields.key_signs)
-        scores = scores + preset.qjl_coefficient(d) * fields.key_gamma.permute(0, 2, 1).unsqueeze(2) * sketch
-    scores = scores * fields.key_norm.permute(0, 2, 1).unsqueeze(2)
+        sketch = torch.einsum("bhgm,blhm->bhgl", q_proj, signs)
+        gamma = read_fp16(slots, lay.key_gamma)
+        scores = scores + preset.qjl_coefficient(d) * gamma.permute(0, 2, 1).unsqueeze(2) * sketch
+    scores = scores * read_fp16(slots, lay.key_norm).permute(0, 2, 1).unsqueeze(2)
     scores = scores + torch.einsum("bhgd,hd->bhg", q, tables.key_mean).unsqueeze(-1)
 
     k_pos = torch.arange(L, device=query.device)
     visible = (k_pos < seq_lens.unsqueeze(-1)) & _visible(seq_lens.unsqueeze(-1) - 1, k_pos, sliding_window)
     p = _softmax(scores * scale, visible[:, None, None, :])
 
-    weights = p * fields.value_norm.permute(0, 2, 1).unsqueeze(2)
-    acc = torch.einsum("bhgl,blhe->bhge", weights, lookup(fields.value_codes, tables.value_centroids))
+    weights = p * read_fp16(slots, lay.value_norm).permute(0, 2, 1).unsqueeze(2)
+    yv = unpack_lookup(slots[..., lay.value_codes:lay.value_codes + lay.value_code_bytes], lay.value_bits, d,
+                       tables.value_centroids)
+    acc = torch.einsum("bhgl,blhe->bhge", weights, yv)
     out = torch.einsum("bhge,hed->bhgd", acc, tables.value_rotation)
     return out.reshape(B, Hq, d)
 
