@@ -8,8 +8,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Codebooks solved for unusual head sizes are cached here, not in the user's home.
-os.environ.setdefault("VLLM_TURBOQUANT_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "tq"))
 
 
 @pytest.fixture(autouse=True)
