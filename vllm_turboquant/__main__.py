@@ -2,7 +2,8 @@
 
 ``presets`` prints every preset's bits, bytes per token per KV head and
 compression against bf16; ``memory`` prints a model's KV-cache size for bf16,
-fp8 and each preset. Every other command (``serve``, ``chat``, ``complete``,
+fp8 and each preset; ``demo`` serves a real small model with turboquant3,
+answers one chat request and compares its KV capacity with bf16. Every other command (``serve``, ``chat``, ``complete``,
 ``bench`` ...) is vLLM's own CLI with this plugin loaded, so
 ``vllm-turboquant serve MODEL --kv-cache-dtype turboquant3`` takes exactly the
 arguments of ``vllm serve``.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import demo
 from .layout import check_head_dim, slot_layout
 from .memory import bf16_bytes_per_token_head, estimate_memory
 from .presets import PRESETS, get_preset
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Any other command (serve, chat, complete, bench, ...) runs vLLM's own CLI with "
                     "the plugin loaded, e.g. 'vllm-turboquant serve MODEL --kv-cache-dtype turboquant3'.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{presets,memory}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{presets,memory,demo}")
     p = sub.add_parser("presets", help="list presets with bits, bytes per token per KV head and ratio vs bf16")
     p.add_argument("--head-dim", type=int, default=128, help="attention head size (default 128)")
     p.set_defaults(func=cmd_presets)
@@ -69,10 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seq-len", type=int, required=True, help="tokens of context")
     m.add_argument("--preset", help="one preset (default: all)")
     m.set_defaults(func=cmd_memory)
+    d = sub.add_parser("demo", help="serve a real small model with turboquant3, answer a request, compare KV "
+                       "capacity with bf16", description=demo.DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_arguments(d)
+    d.set_defaults(func=demo.run)
     return parser
 
 
-OWN_COMMANDS = ("presets", "memory")
+OWN_COMMANDS = ("presets", "memory", "demo")
 
 
 def run_vllm_cli(argv: list[str]) -> int:
@@ -112,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
             return 2
     try:
-        args.func(args)
+        result = args.func(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":
