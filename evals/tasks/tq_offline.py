@@ -116,7 +116,6 @@ def winogrande_doc_to_choice(doc):
 # "essay" haystack needs Paul Graham essays from the hub, so tq_niah_shakespeare swaps in the
 # held-out Shakespeare text and a regex sentence splitter in place of nltk's punkt.
 
-RULER_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 NIAH_TEMPLATE = ("Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
                  "I will quiz you about the {type_needle_v} afterwards.\n{context}\nWhat are all the special magic "
                  "{type_needle_v} for {query} mentioned in the provided text?")
@@ -184,16 +183,11 @@ def niah_shakespeare(**metadata):
 
 
 def niah_process_results(doc: dict, results: list[str]) -> dict[str, float]:
-    """RULER string_match_all; ``score`` over every length, plus one metric per length (-1 = none there)."""
+    """RULER string_match_all: the share of the needle values found in the answer."""
     preds = [re.sub(r"[\x00-\x1f]", "\n", r.strip()).strip() for r in results]
     refs = doc["outputs"]
-    score = sum(sum(r.lower() in p.lower() for r in refs) / len(refs) for p in preds) / len(preds)
-    metrics = {str(n): -1.0 for n in RULER_LENGTHS}
-    metrics[str(doc["max_length"])] = score
-    metrics["score"] = score
-    return metrics
+    return {"score": sum(sum(r.lower() in p.lower() for r in refs) / len(refs) for p in preds) / len(preds)}
 
 
 def niah_aggregate(values: list[float]) -> float:
-    values = [v for v in values if v != -1]
-    return sum(values) / len(values) if values else -1.0
+    return sum(values) / len(values) if values else float("nan")
