@@ -164,26 +164,33 @@ def build_lloyd_max_codebook(dim: int, bits: int, density: Density = "beta") -> 
     return get_codebook(dim, bits, density).tensors()
 
 
-def fit_codebook(samples: torch.Tensor, init_centroids: torch.Tensor, iters: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
-    """Empirical Lloyd-Max (1-D k-means) on ``samples`` (any shape), started at ``init_centroids``.
+def fit_codebook(samples: torch.Tensor, init_centroids: torch.Tensor, iters: int = 30,
+                 max_samples: int = 1 << 17) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empirical Lloyd-Max (1-D k-means), one codebook per row.
 
-    Returns (boundaries, centroids) float32; a cell that ends up empty keeps its start.
+    samples (G, N) (or (N,) for one), init_centroids (G, K) (or (K,)), sorted. At most
+    ``max_samples`` evenly spaced samples per row are used. Returns (boundaries (G, K-1),
+    centroids (G, K)) float32; a cell that ends up empty keeps its value.
     """
-    x = samples.reshape(-1).to(torch.float64)
-    c = init_centroids.to(torch.float64).clone()
+    single = init_centroids.dim() == 1
+    x = samples.reshape(1, -1) if single else samples.reshape(samples.shape[0], -1)
+    if x.shape[1] > max_samples:
+        x = x[:, torch.linspace(0, x.shape[1] - 1, max_samples).long()]
+    x = x.to(torch.float64).contiguous()
+    c = init_centroids.reshape(x.shape[0], -1).to(torch.float64).clone()
+    ones = torch.ones_like(x)
     for _ in range(iters):
-        b = (c[1:] + c[:-1]) / 2
+        b = ((c[:, 1:] + c[:, :-1]) / 2).contiguous()
         idx = torch.searchsorted(b, x)
-        sums = torch.zeros_like(c).index_add_(0, idx, x)
-        counts = torch.zeros_like(c).index_add_(0, idx, torch.ones_like(x))
-        new = torch.where(counts > 0, sums / counts.clamp_min(1), c)
-        new, _ = torch.sort(new)
-        if torch.allclose(new, c, rtol=0, atol=1e-10):
-            c = new
-            break
+        sums = torch.zeros_like(c).scatter_add_(1, idx, x)
+        counts = torch.zeros_like(c).scatter_add_(1, idx, ones)
+        new = torch.where(counts > 0, sums / counts.clamp_min(1), c).sort(dim=1).values
+        done = torch.allclose(new, c, rtol=0, atol=1e-10)
         c = new
-    return ((c[1:] + c[:-1]) / 2).float(), c.float()
-
+        if done:
+            break
+    b = (c[:, 1:] + c[:, :-1]) / 2
+    return (b[0].float(), c[0].float()) if single else (b.float(), c.float())
 
 def write_shipped_tables() -> str:
     """Solve every shipped (dim, bits) and write ``data/codebooks.json``; returns its path."""

@@ -230,10 +230,10 @@ def calibrate(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], pres
         mean = k.mean(0) if center_keys else torch.zeros(H, d)
         for prefix, x, rot, init in (("key", k - mean, t.key_rotation, t.key_centroids),
                                      ("value", v.float(), t.value_rotation, t.value_centroids)):
-            y = torch.einsum("nhd,hed->nhe", _unit(x), rot)
-            fitted = [fit_codebook(y[:, h], init[h], iters) for h in range(H)]
-            out[f"{prefix}_boundaries"].append(torch.stack([b for b, _ in fitted]))
-            out[f"{prefix}_centroids"].append(torch.stack([c for _, c in fitted]))
+            y = torch.einsum("nhd,hed->hne", _unit(x), rot)  # (H, N, d): every coordinate is a sample
+            boundaries, centroids = fit_codebook(y, init, iters)
+            out[f"{prefix}_boundaries"].append(boundaries)
+            out[f"{prefix}_centroids"].append(centroids)
         out["key_mean"].append(mean)
     return CodebookRegistry(base.spec, {name: torch.stack(ts) for name, ts in out.items()}, base.preset)
 
