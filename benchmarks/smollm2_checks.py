@@ -68,7 +68,8 @@ def divergence(model, out):
              "| kv-cache dtype | mean tokens before first divergence | prompts identical to bf16 (all 128 tokens) |",
              "|---|---|---|"]
     answers = []
-    for dtype in ("turboquant4", "turboquant3", "turboquant3_qjl"):
+    # fp8 (vLLM's own 8-bit cache) is the control: how early does any KV perturbation flip greedy tokens?
+    for dtype in ("fp8", "turboquant4", "turboquant3", "turboquant3_qjl"):
         with _llm(model, dtype) as llm:
             got = _chat(llm, 128)
         firsts = []
