@@ -13,6 +13,12 @@ Per key (after subtracting the head's key mean μ)::
     ⟨q, k⟩ ≈ n (⟨Π q, ŷ⟩ + λ γ √(π/2) / m ⟨S Π q, s⟩) + ⟨q, μ⟩
 
 Values: v̂ = n_v Π_vᵀ c_v[idx_v]; attention output Π_vᵀ Σ_i p_i n_v,i c_v[idx_v,i].
+
+Everything is computed in float64 (``ACC``) and returned as float32. That is not for
+accuracy but for invariance: float32 results of a batched matmul depend on the batch
+shape, a code near a cell boundary then flips with the batch, and quantisation turns
+that into visible differences. In float64 the outputs (and codes) are the same however
+requests are batched, chunked or served from the prefix cache.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from .presets import Preset, get_preset
 from .registry import LayerTables
 
 
-_SIGN_VALUES = torch.tensor([[-1.0, 1.0]])  # sign bit 0 -> -1, 1 -> +1
+ACC = torch.float64  # the computation dtype (see the module docstring)
+_SIGN_VALUES = torch.tensor([[-1.0, 1.0]], dtype=ACC)  # sign bit 0 -> -1, 1 -> +1
 
 
 def _unit_and_norm(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,11 +51,11 @@ def quantize(x: torch.Tensor, rotation: torch.Tensor, boundaries: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Normalise, rotate and bucket vectors x (N, H, d) with per-head rotation (H, d, d)
     and boundaries (H, 2**b - 1). Returns codes (N, H, d) int64 = #{boundaries < y},
-    norms (N, H) float32 and the rotated unit vectors y (N, H, d)."""
-    u, n = _unit_and_norm(x.float())
-    y = torch.einsum("nhd,hed->nhe", u, rotation)
+    norms (N, H) and the rotated unit vectors y (N, H, d), both in ACC."""
+    u, n = _unit_and_norm(x.to(ACC))
+    y = torch.einsum("nhd,hed->nhe", u, rotation.to(ACC))
     N, H, _ = y.shape
-    codes = torch.searchsorted(boundaries.unsqueeze(0).expand(N, H, -1).contiguous(), y.contiguous())
+    codes = torch.searchsorted(boundaries.to(ACC).unsqueeze(0).expand(N, H, -1).contiguous(), y.contiguous())
     return codes, n, y
 
 
@@ -56,8 +63,8 @@ def sketch(y: torch.Tensor, codes: torch.Tensor, centroids: torch.Tensor, qjl: t
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """QJL sketch of the residual r = y - c[codes]: signs (N, H, m) of +-1 (sign(0) = +1)
     and gamma = ‖r‖ (N, H). qjl is (H, m, d)."""
-    r = y - lookup(codes, centroids)
-    proj = torch.einsum("nhd,hmd->nhm", r, qjl)
+    r = y - lookup(codes, centroids.to(y.dtype))
+    proj = torch.einsum("nhd,hmd->nhm", r, qjl.to(y.dtype))
     return torch.where(proj >= 0, 1.0, -1.0), r.norm(dim=-1)
 
 
@@ -68,10 +75,12 @@ def reconstruct(codes: torch.Tensor, norm: torch.Tensor, rotation: torch.Tensor,
 
     Without a sketch this is the MSE reconstruction; with one, ⟨q, result⟩ is the
     QJL-corrected score estimate for every q."""
+    dt = centroids.dtype
     y = lookup(codes, centroids)
     if signs is not None and signs.shape[-1]:
-        y = y + qjl_coefficient * gamma.unsqueeze(-1) * torch.einsum("...hm,hmd->...hd", signs, qjl)
-    return norm.unsqueeze(-1) * torch.einsum("...he,hed->...hd", y, rotation)
+        sketch = torch.einsum("...hm,hmd->...hd", signs.to(dt), qjl.to(dt))
+        y = y + qjl_coefficient * gamma.to(dt).unsqueeze(-1) * sketch
+    return norm.to(dt).unsqueeze(-1) * torch.einsum("...he,hed->...hd", y, rotation.to(dt))
 
 
 def _f16(t: torch.Tensor) -> torch.Tensor:
@@ -80,7 +89,7 @@ def _f16(t: torch.Tensor) -> torch.Tensor:
 
 def encode(key: torch.Tensor, value: torch.Tensor, tables: LayerTables, preset: Preset | str) -> SlotFields:
     """Encode key/value (N, H, d) into slot fields (norms rounded to fp16 as stored)."""
-    codes, n, y = quantize(key.float() - tables.key_mean, tables.key_rotation, tables.key_boundaries)
+    codes, n, y = quantize(key.to(ACC) - tables.key_mean.to(ACC), tables.key_rotation, tables.key_boundaries)
     if tables.qjl.shape[1]:
         signs, gamma = sketch(y, codes, tables.key_centroids, tables.qjl)
     else:
@@ -122,6 +131,10 @@ def dequantize(fields: SlotFields, tables: LayerTables, preset: Preset | str) ->
                     fields.key_signs, fields.key_gamma, tables.qjl, coef) + tables.key_mean
     v = reconstruct(fields.value_codes, fields.value_norm, tables.value_rotation, tables.value_centroids)
     return k, v
+
+
+def _in_acc(tables: LayerTables) -> LayerTables:
+    return LayerTables(**{f: getattr(tables, f).to(ACC) for f in LayerTables.__dataclass_fields__})
 
 
 def gather_slots(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -167,45 +180,46 @@ def paged_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Te
     L = int(seq_lens.max()) if B else 0
     slots = gather_slots(cache, block_table, L)  # (B, L, H, slot_bytes)
     # Codes are decoded straight to centroid values (a table gather per packed word).
+    t = _in_acc(tables)
     y = unpack_lookup(slots[..., lay.key_codes:lay.key_codes + lay.key_code_bytes], lay.key_bits, d,
-                      tables.key_centroids)
+                      t.key_centroids)
 
-    q = query.float().reshape(B, H, Hq // H, d)
-    q_rot = torch.einsum("bhgd,hed->bhge", q, tables.key_rotation)
+    q = query.to(ACC).reshape(B, H, Hq // H, d)
+    q_rot = torch.einsum("bhgd,hed->bhge", q, t.key_rotation)
     scores = torch.einsum("bhge,blhe->bhgl", q_rot, y)
     if lay.has_qjl:
         signs = unpack_lookup(slots[..., lay.key_signs:lay.key_signs + lay.sign_bytes], 1, lay.qjl_dim,
                               _SIGN_VALUES.to(q.device).expand(H, 2))
-        q_proj = torch.einsum("bhge,hme->bhgm", q_rot, tables.qjl)
+        q_proj = torch.einsum("bhge,hme->bhgm", q_rot, t.qjl)
         sketch = torch.einsum("bhgm,blhm->bhgl", q_proj, signs)
-        gamma = read_fp16(slots, lay.key_gamma)
+        gamma = read_fp16(slots, lay.key_gamma).to(ACC)
         scores = scores + preset.qjl_coefficient(d) * gamma.permute(0, 2, 1).unsqueeze(2) * sketch
-    scores = scores * read_fp16(slots, lay.key_norm).permute(0, 2, 1).unsqueeze(2)
-    scores = scores + torch.einsum("bhgd,hd->bhg", q, tables.key_mean).unsqueeze(-1)
+    scores = scores * read_fp16(slots, lay.key_norm).to(ACC).permute(0, 2, 1).unsqueeze(2)
+    scores = scores + torch.einsum("bhgd,hd->bhg", q, t.key_mean).unsqueeze(-1)
 
     k_pos = torch.arange(L, device=query.device)
     visible = (k_pos < seq_lens.unsqueeze(-1)) & _visible(seq_lens.unsqueeze(-1) - 1, k_pos, sliding_window)
     p = _softmax(scores * scale, visible[:, None, None, :])
 
-    weights = p * read_fp16(slots, lay.value_norm).permute(0, 2, 1).unsqueeze(2)
+    weights = p * read_fp16(slots, lay.value_norm).to(ACC).permute(0, 2, 1).unsqueeze(2)
     yv = unpack_lookup(slots[..., lay.value_codes:lay.value_codes + lay.value_code_bytes], lay.value_bits, d,
-                       tables.value_centroids)
+                       t.value_centroids)
     acc = torch.einsum("bhgl,blhe->bhge", weights, yv)
-    out = torch.einsum("bhge,hed->bhgd", acc, tables.value_rotation)
-    return out.reshape(B, Hq, d)
+    out = torch.einsum("bhge,hed->bhgd", acc, t.value_rotation)
+    return out.reshape(B, Hq, d).float()
 
 
 def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
                     q_pos: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
-    """Causal GQA attention in float32: query (T, Hq, d) at positions q_pos (T,), key/value (L, H, d)
-    at positions 0..L-1. Returns (T, Hq, d)."""
+    """Causal GQA attention: query (T, Hq, d) at positions q_pos (T,), key/value (L, H, d)
+    at positions 0..L-1. Computed in ACC; returns float32 (T, Hq, d)."""
     T, Hq, d = query.shape
     L, H, _ = key.shape
-    q = query.float().reshape(T, H, Hq // H, d)
-    scores = torch.einsum("thgd,lhd->thgl", q, key.float()) * scale
+    q = query.to(ACC).reshape(T, H, Hq // H, d)
+    scores = torch.einsum("thgd,lhd->thgl", q, key.to(ACC)) * scale
     visible = _visible(q_pos.unsqueeze(-1), torch.arange(L, device=query.device), sliding_window)
     p = _softmax(scores, visible[:, None, None, :])
-    return torch.einsum("thgl,lhd->thgd", p, value.float()).reshape(T, Hq, d)
+    return torch.einsum("thgl,lhd->thgd", p, value.to(ACC)).reshape(T, Hq, d).float()
 
 
 def prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor,
@@ -229,9 +243,9 @@ def prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: 
             continue
         ctx = L - (stop - start)
         fields = unpack_slots(gather_slots(cache, block_table[b:b + 1], L)[0], layout)
-        k, v = dequantize(fields, tables, preset)
+        k, v = dequantize(fields, _in_acc(tables), preset)
         if not compressed_chunk:
-            k[ctx:], v[ctx:] = key[start:stop].float(), value[start:stop].float()
+            k[ctx:], v[ctx:] = key[start:stop].to(ACC), value[start:stop].to(ACC)
         q_pos = torch.arange(ctx, L, device=query.device)
         out[start:stop] = dense_attention(query[start:stop], k, v, scale, q_pos, sliding_window)
     return out

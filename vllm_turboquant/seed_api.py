@@ -38,7 +38,7 @@ class TurboQuantMSE:
         rows, lead = _as_rows(x)
         codes, norms, _ = quantize(rows, self.Pi[None], self.boundaries[None])
         out = codes.reshape(*lead, self.dim)
-        out.norms = norms.reshape(lead)
+        out.norms = norms.float().reshape(lead)
         return out
 
     def dequantize(self, codes: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,8 +75,8 @@ class TurboQuantProd:
         rows, lead = _as_rows(x)
         codes, norms, y = quantize(rows, self.mse.Pi[None], self.mse.boundaries[None])
         signs, gamma = sketch(y, codes, self.mse.centroids[None], self.S[None])
-        return {"codes": codes.reshape(*lead, self.dim), "signs": signs.reshape(*lead, self.proj_dim),
-                "residual_norms": gamma.reshape(lead), "norms": norms.reshape(lead)}
+        return {"codes": codes.reshape(*lead, self.dim), "signs": signs.float().reshape(*lead, self.proj_dim),
+                "residual_norms": gamma.float().reshape(lead), "norms": norms.float().reshape(lead)}
 
     def dequantize(self, compressed: dict[str, torch.Tensor]) -> torch.Tensor:
         """Dense vectors whose inner product with any query is the estimate (..., dim)."""
