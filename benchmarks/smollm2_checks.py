@@ -4,6 +4,7 @@
     python benchmarks/smollm2_checks.py divergence   # 16 chat prompts x 128 greedy tokens vs bf16
     python benchmarks/smollm2_checks.py prefix       # compressed prefill: prefix caching / chunking invariance
     python benchmarks/smollm2_checks.py speed        # decode tokens/s at 2K context vs auto
+    python benchmarks/smollm2_checks.py boundary     # perplexity with the first/last N layers kept bf16
     python benchmarks/smollm2_checks.py all
 
 Each prints a markdown section (also appended to --out, default benchmarks/out/smollm2_checks.md).
@@ -152,13 +153,41 @@ def speed(model, out, context=2048, new_tokens=64, batches=(1, 8)):
     out("\n".join(lines) + "\n")
 
 
+def boundary(model, out, windows=4, window_tokens=1024):
+    """Perplexity in compressed-prefill mode with the first/last N layers kept bf16 (vLLM's skip-layers flag)."""
+    from evals.perplexity import perplexity
+
+    from vllm_turboquant.layout import slot_layout
+
+    layers, heads = 30, 3
+    rows = []
+    configs = [("auto", 0)] + [(p, n) for p in ("turboquant4", "turboquant3") for n in (0, 1, 2)]
+    for dtype, n in configs:
+        skip = [str(i) for i in list(range(n)) + list(range(layers - n, layers))]
+        extra = {"additional_config": {"turboquant": {"compressed_prefill": True}}} if dtype != "auto" else {}
+        if skip:
+            extra["kv_cache_dtype_skip_layers"] = skip
+        r = perplexity(str(model), dtype, windows=windows, window_tokens=window_tokens, extra_engine_args=extra)
+        per_layer = 256 * heads if dtype == "auto" else slot_layout(dtype, 64).slot_bytes * heads
+        nbytes = per_layer * (layers - 2 * n) + 256 * heads * 2 * n
+        rows.append((dtype, n, r.ppl, nbytes))
+        print(f"[boundary] {dtype} N={n}: ppl {r.ppl:.3f}", file=sys.stderr, flush=True)
+    base = rows[0][2]
+    lines = [f"## Boundary layers kept bf16 (SmolLM2-135M, compressed-prefill perplexity, {windows} x {window_tokens} "
+             "tokens of held-out Shakespeare)\n", "| kv-cache dtype | first/last N layers bf16 | perplexity | vs bf16 "
+             "| KV bytes per token (all layers) |", "|---|---|---|---|---|"]
+    lines += [f"| {d} | {n} | {p:.3f} | {100 * (p / base - 1):+.1f}% | {b:,} |" for d, n, p, b in rows]
+    out("\n".join(lines) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("check", choices=["capacity", "divergence", "prefix", "speed", "all"])
+    parser.add_argument("check", choices=["capacity", "divergence", "prefix", "speed", "boundary", "all"])
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "smollm2_checks.md"))
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(1, str(Path(__file__).parent.parent))  # the evals/ package
     from vllm_turboquant.assets import fetch_model
 
     model = fetch_model("smollm2")
@@ -169,7 +198,7 @@ def main() -> int:
         with open(args.out, "a") as f:
             f.write(text + "\n")
 
-    checks = [args.check] if args.check != "all" else ["capacity", "divergence", "prefix", "speed"]
+    checks = [args.check] if args.check != "all" else ["capacity", "divergence", "prefix", "speed", "boundary"]
     for name in checks:
         t = time.time()
         globals()[name](model, out)
