@@ -234,6 +234,8 @@ def test_unsupported_models_are_refused_naming_the_problem(models):
         _impl(models, "turboquant3", alibi_slopes=[0.5, 0.25, 0.125, 0.0625])
     with pytest.raises(ValueError, match="soft-capping"):
         _impl(models, "turboquant3", logits_soft_cap=30.0)
+    with pytest.raises(ValueError, match="sharing the KV cache of layer 'model.layers.0.self_attn.attn'"):
+        _impl(models, "turboquant3", kv_sharing_target_layer_name="model.layers.0.self_attn.attn")
     with pytest.raises(ValueError, match="in-tree TurboQuant, which has no CPU implementation"):
         _impl(models, "turboquant_3bit_nc")
     assert _impl(models, "auto").preset is None  # stock dtypes are untouched

@@ -79,7 +79,8 @@ class TurboQuantImpl(PackedLayerMixin, CPUAttentionBackendImpl):
                                  f"implementation (it would return wrong outputs); use this plugin's presets "
                                  f"instead: {', '.join(PRESETS)}")
             return
-        check_packed_layer(self.preset.name, attn_type, alibi_slopes, sinks, logits_soft_cap, head_size)
+        check_packed_layer(self.preset.name, attn_type, alibi_slopes, sinks, logits_soft_cap, head_size,
+                           kv_sharing_target_layer_name)
         self._init_packed(self.preset, head_size, sliding_window)
 
     # -- vLLM hooks ----------------------------------------------------------

@@ -70,7 +70,8 @@ def packed_spec(spec):
     return replace(spec, state_content_bytes=layout.slot_bytes)
 
 
-def check_packed_layer(name: str, attn_type: Any, alibi_slopes, sinks, logits_soft_cap, head_size: int) -> None:
+def check_packed_layer(name: str, attn_type: Any, alibi_slopes, sinks, logits_soft_cap, head_size: int,
+                       kv_sharing_target_layer_name: str | None = None) -> None:
     """Raise ValueError listing every feature of this layer the packed path cannot serve."""
     from vllm.v1.attention.backend import AttentionType
 
@@ -83,6 +84,9 @@ def check_packed_layer(name: str, attn_type: Any, alibi_slopes, sinks, logits_so
         problems.append("learned attention sinks")
     if logits_soft_cap:
         problems.append(f"attention logit soft-capping ({logits_soft_cap})")
+    if kv_sharing_target_layer_name:
+        # the shared cache was encoded with the other layer's rotations and codebooks
+        problems.append(f"sharing the KV cache of layer {kv_sharing_target_layer_name!r}")
     try:
         check_head_dim(head_size)
     except ValueError as exc:
