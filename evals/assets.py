@@ -27,7 +27,6 @@ after conversion. Run ``python -m evals.assets`` (add ``--verify`` or ``--force`
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import shutil
@@ -39,6 +38,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from vllm_turboquant.assets import sha256_file
 from vllm_turboquant.cache import cache_dir
 
 MANIFEST_VERSION = 1
@@ -118,12 +118,6 @@ def text_file(name: str = "shakespeare_heldout", root: Path | None = None) -> Pa
     return (root or data_dir()) / "text" / f"{name}.txt"
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- download

@@ -79,6 +79,21 @@ def cache_strides(cache: torch.Tensor, num_kv_heads: int | None, slot_bytes: int
     return cache.stride(0), cache.stride(1), cache.stride(2)
 
 
+def attention_setup(query: torch.Tensor, cache: torch.Tensor, tables, preset):
+    """The argument checks the attention kernels share.
+
+    Returns (preset, layout, constexpr kwargs, cache strides (block, token, head), H, G)."""
+    preset = get_preset(preset)
+    _, Hq, D = query.shape
+    layout, kw = kernel_layout(preset, D)
+    strides = cache_strides(cache, None, layout.slot_bytes)
+    H = cache.shape[2]
+    if H == 0 or Hq % H:
+        raise ValueError(f"Hq={Hq} query heads must be a multiple of the cache's H={H} KV heads")
+    check_tables(tables, cache.device)
+    return preset, layout, kw, strides, H, Hq // H
+
+
 def check_tables(tables, device: torch.device) -> None:
     if tables.key_rotation.device != device:
         raise ValueError(f"LayerTables live on {tables.key_rotation.device}, the cache on {device}: "

@@ -36,9 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..presets import Preset, get_preset
-from .common import (DEFAULT_LOOKUP, cache_strides, check_tables, dot_precision, kernel_layout, load_codes,
-                     load_fp16, load_table, lookup, next_pow2, unrotate_store)
+from ..presets import Preset
+from .common import (DEFAULT_LOOKUP, attention_setup, dot_precision, load_codes, load_fp16, load_table, lookup,
+                     next_pow2, unrotate_store)
 from .rotate import rotate_rows
 
 LOG2E = 1.4426950408889634
@@ -196,15 +196,8 @@ def paged_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Te
     (B, max_blocks) int; seq_lens (B,) cached tokens, the query's own included.
     Returns ``out`` (default float32 (B, Hq, d)); empty sequences give zeros.
     """
-    preset = get_preset(preset)
     B, Hq, D = query.shape
-    layout, kw = kernel_layout(preset, D)
-    stride_cb, stride_cs, stride_ch = cache_strides(cache, None, layout.slot_bytes)
-    H = cache.shape[2]
-    G = Hq // H
-    if H == 0 or Hq % H:
-        raise ValueError(f"Hq={Hq} query heads must be a multiple of the cache's H={H} KV heads")
-    check_tables(tables, cache.device)
+    preset, layout, kw, (stride_cb, stride_cs, stride_ch), H, G = attention_setup(query, cache, tables, preset)
     if out is None:
         out = torch.empty(B, Hq, D, dtype=torch.float32, device=query.device)
     if B == 0:

