@@ -31,10 +31,10 @@ CHAT_PROMPTS = [
 ]
 
 
-def _llm(model, dtype, **kw):
+def _llm(model, kv_cache_dtype, **kw):
     from vllm_turboquant.inprocess import in_process_llm
 
-    return in_process_llm(str(model), kv_cache_dtype=dtype, max_model_len=kw.pop("max_model_len", 2560), **kw)
+    return in_process_llm(str(model), kv_cache_dtype=kv_cache_dtype, max_model_len=kw.pop("max_model_len", 2560), **kw)
 
 
 def capacity(model, out):
