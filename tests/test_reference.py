@@ -184,3 +184,10 @@ def test_block_head_token_cache_views_work_like_contiguous_caches():
     q = torch.randn(1, 4, d)
     assert torch.equal(R.paged_decode(q, view, bt, torch.tensor([90]), tables, preset, 0.1),
                        R.paged_decode(q, contiguous, bt, torch.tensor([90]), tables, preset, 0.1))
+
+
+def test_fused_attention_equals_dense_attention():
+    q, k, v = torch.randn(7, 6, 64), torch.randn(20, 2, 64), torch.randn(20, 2, 64)
+    for window in (None, 4):
+        pos = torch.arange(13, 20)
+        assert rel_err(R.fused_attention(q, k, v, 0.125, pos, window), R.dense_attention(q, k, v, 0.125, pos, window)) < 1e-5

@@ -14,11 +14,13 @@ Per key (after subtracting the head's key mean μ)::
 
 Values: v̂ = n_v Π_vᵀ c_v[idx_v]; attention output Π_vᵀ Σ_i p_i n_v,i c_v[idx_v,i].
 
-Everything is computed in float64 (``ACC``) and returned as float32. That is not for
-accuracy but for invariance: float32 results of a batched matmul depend on the batch
-shape, a code near a cell boundary then flips with the batch, and quantisation turns
-that into visible differences. In float64 the outputs (and codes) are the same however
-requests are batched, chunked or served from the prefix cache.
+Everything that reads the packed cache is computed in float64 (``ACC``) and returned as
+float32. That is not for accuracy but for invariance: float32 results of a batched matmul
+depend on the batch shape, a code near a cell boundary then flips with the batch, and
+quantisation turns that into visible differences. In float64 the outputs (and codes) are
+the same however requests are batched, chunked or served from the prefix cache. A
+prefill chunk that attends to its own exact K/V (vLLM's usual semantics, where chunking
+already changes what is read) uses torch's fused float32 attention instead.
 """
 
 from __future__ import annotations
@@ -222,6 +224,20 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return torch.einsum("thgl,lhd->thgd", p, value.to(ACC)).reshape(T, Hq, d).float()
 
 
+def fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                    q_pos: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
+    """``dense_attention`` through torch's fused float32 kernel (same arguments, float32 (T, Hq, d))."""
+    T, Hq, d = query.shape
+    L, H, _ = key.shape
+    if L == 0:
+        return torch.zeros(T, Hq, d, device=query.device)
+    mask = _visible(q_pos.unsqueeze(-1), torch.arange(L, device=query.device), sliding_window)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.float().transpose(0, 1), key.float().transpose(0, 1), value.float().transpose(0, 1),
+        attn_mask=mask, scale=scale, enable_gqa=Hq != H)
+    return out.transpose(0, 1).nan_to_num(0.0)  # rows with nothing visible give zeros
+
+
 def prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor,
             block_table: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
             tables: LayerTables, preset: Preset | str, scale: float, sliding_window: int | None = None,
@@ -243,9 +259,12 @@ def prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: 
             continue
         ctx = L - (stop - start)
         fields = unpack_slots(gather_slots(cache, block_table[b:b + 1], L)[0], layout)
-        k, v = dequantize(fields, _in_acc(tables), preset)
-        if not compressed_chunk:
-            k[ctx:], v[ctx:] = key[start:stop].to(ACC), value[start:stop].to(ACC)
         q_pos = torch.arange(ctx, L, device=query.device)
-        out[start:stop] = dense_attention(query[start:stop], k, v, scale, q_pos, sliding_window)
+        if compressed_chunk:
+            k, v = dequantize(fields, _in_acc(tables), preset)
+            out[start:stop] = dense_attention(query[start:stop], k, v, scale, q_pos, sliding_window)
+        else:
+            k, v = dequantize(fields, tables, preset)
+            k[ctx:], v[ctx:] = key[start:stop].float(), value[start:stop].float()
+            out[start:stop] = fused_attention(query[start:stop], k, v, scale, q_pos, sliding_window)
     return out
