@@ -128,7 +128,7 @@ def prefix(model, out):
     out("\n".join(lines) + "\n")
 
 
-def speed(model, out, context=2048, new_tokens=64, batches=(1, 4)):
+def speed(model, out, context=2048, new_tokens=32, batches=(1,), dtypes=("auto", "turboquant3")):
     """Decode tokens/s at ``context`` tokens: each prompt is prefilled once into the prefix cache, then
     timed runs (1 vs 1 + new_tokens generated tokens) hit that cache, so their difference is decode alone."""
     from vllm import SamplingParams
@@ -137,7 +137,7 @@ def speed(model, out, context=2048, new_tokens=64, batches=(1, 4)):
 
     text = shared_text.passage(context * 6)
     rows = []
-    for kv in ("auto", "turboquant3", "turboquant4"):
+    for kv in dtypes:
         with _llm(model, kv, enable_prefix_caching=True, max_model_len=context + new_tokens + 64) as llm:
             ids = llm.get_tokenizer()(text)["input_ids"][:context]
             for batch in batches:
