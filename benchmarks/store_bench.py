@@ -27,19 +27,12 @@ if not torch.cuda.is_available():  # must precede the first triton import
 
 import triton  # noqa: E402
 
+from decode_bench import time_ms  # noqa: E402  (one timer for both benchmarks; this folder is on sys.path)
 from vllm_turboquant.kernels.store import store  # noqa: E402
 from vllm_turboquant.layout import slot_layout  # noqa: E402
 from vllm_turboquant.registry import CodebookRegistry  # noqa: E402
 
 
-def time_ms(fn) -> float:
-    if torch.cuda.is_available():
-        return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
-    import time
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
 
 
 def bench_point(preset, N, H, D, block_size, device, cache_layout="vllm"):
