@@ -18,6 +18,7 @@ from vllm_turboquant.inprocess import attention_layers, in_process_llm, kv_cache
 from vllm_turboquant.layout import slot_layout, unpack_slots  # noqa: E402
 from vllm_turboquant.plugin import check_vllm_version, register  # noqa: E402
 from vllm_turboquant.presets import PRESETS  # noqa: E402
+from vllm_turboquant.protected import pool_bytes_per_token  # noqa: E402
 from vllm_turboquant.settings import Settings, load_settings  # noqa: E402
 from vllm_turboquant.vllm_dtypes import check_name  # noqa: E402
 
@@ -27,7 +28,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     return {
         "d64_gqa": build_llama(root / "d64_gqa", head_dim=64, num_heads=4, num_kv_heads=2),
-        "d128_mqa": build_llama(root / "d128_mqa", head_dim=128, num_heads=4, num_kv_heads=1),
+        "d128_mqa": build_llama(root / "d128_mqa", head_dim=128, num_heads=4, num_kv_heads=1, max_positions=32768),
         "d256_gqa": build_llama(root / "d256_gqa", head_dim=256, num_heads=4, num_kv_heads=2),
         "gemma3": build_gemma3(root / "gemma3", head_dim=256, layers=6, sliding_window=16),
     }
@@ -91,21 +92,32 @@ def test_settings_from_env_and_additional_config():
 
 
 def _attach_checker(llm, compressed_prefill: bool):
-    """Wrap every packed layer's forward: recompute its output from the cache it just wrote with
-    dense attention over the dequantised slots (exact K/V for a prefill chunk's own tokens unless
-    compressed_prefill), and record the relative error per call."""
-    stats = {"errors": [], "layers": set(), "decode_calls": 0, "prefill_calls": 0}
+    """Wrap every packed layer's cache write and forward: record the exact K/V of every slot as it is
+    written, then recompute each output from the cache with dense attention over the dequantised
+    slots -- the recorded exact K/V for protected positions (sink / recent window) that have a copy,
+    and for a prefill chunk's own tokens unless compressed_prefill -- and record the relative error."""
+    stats = {"errors": [], "layers": set(), "decode_calls": 0, "prefill_calls": 0, "exact_reads": 0}
     for module, impl in attention_layers(llm):
         if impl.preset is None:
             continue
-        original = impl.forward
+        original, original_update = impl.forward, impl.do_kv_cache_update
+        exact: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-        def checked(layer, query, key, value, kv_cache, md, output=None, *args, _impl=impl, _fwd=original, **kw):
+        def update(layer, key, value, kv_cache, slot_mapping, _upd=original_update, _exact=exact):
+            for i, s in enumerate(slot_mapping[:key.shape[0]].tolist()):
+                if s >= 0:
+                    _exact[s] = (key[i].double().clone(), value[i].double().clone())
+            return _upd(layer, key, value, kv_cache, slot_mapping)
+
+        def checked(layer, query, key, value, kv_cache, md, output=None, *args, _impl=impl, _fwd=original,
+                    _exact=exact, **kw):
             out = _fwd(layer, query, key, value, kv_cache, md, output, *args, **kw)
             if md is None:
                 return out
             cache = kv_cache.permute(0, 2, 1, 3)
+            bs = cache.shape[1]
             lay = slot_layout(_impl.preset, _impl.head_size)
+            group = getattr(md, "tq_group", None)
             qsl, seq_lens = md.query_start_loc.tolist(), md.seq_lens.tolist()
             for b, L in enumerate(seq_lens):
                 qs, qe = qsl[b], qsl[b + 1]
@@ -113,11 +125,31 @@ def _attach_checker(llm, compressed_prefill: bool):
                     continue
                 fields = unpack_slots(R.gather_slots(cache, md.block_table[b:b + 1], L)[0], lay)
                 k, v = R.dequantize(fields, _impl._tables, _impl.preset)
+                k, v = k.double(), v.double()
                 is_decode = qe - qs == 1 and (compressed_prefill or L > 1)
+                ctx = L - (qe - qs)
                 if not compressed_prefill and not is_decode:
-                    k[L - (qe - qs):], v[L - (qe - qs):] = key[qs:qe].float(), value[qs:qe].float()
-                ref = R.dense_attention(query[qs:qe], k, v, _impl.scale, torch.arange(L - (qe - qs), L),
-                                        _impl.window)
+                    k[ctx:], v[ctx:] = key[qs:qe].double(), value[qs:qe].double()
+                pos = torch.arange(L)
+                slots = (md.block_table[b, pos // bs].long() * bs + pos % bs).tolist()
+                has = torch.tensor([group is not None and int(group.planner.table[s]) >= 0 for s in slots])
+                k_x, v_x = k.clone(), v.clone()
+                for p in torch.nonzero(has).flatten().tolist():
+                    k_x[p], v_x[p] = _exact[slots[p]]
+                refs = []
+                for i, qp in enumerate(range(ctx, L)):
+                    use = has.clone()
+                    if group is not None:
+                        use &= (pos < group.sink) | (pos > qp - group.window)
+                    else:
+                        use[:] = False
+                    if not compressed_prefill and not is_decode:
+                        use[ctx:] = False  # already exact
+                    stats["exact_reads"] += int(use[:qp + 1].sum())
+                    kk, vv = torch.where(use[:, None, None], k_x, k), torch.where(use[:, None, None], v_x, v)
+                    refs.append(R.dense_attention(query[qs + i:qs + i + 1], kk, vv, _impl.scale, torch.tensor([qp]),
+                                                  _impl.window))
+                ref = torch.cat(refs)
                 got = output[qs:qe].float()
                 stats["errors"].append(((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item())
                 stats["decode_calls" if is_decode else "prefill_calls"] += 1
@@ -125,6 +157,7 @@ def _attach_checker(llm, compressed_prefill: bool):
             return out
 
         impl.forward = checked
+        impl.do_kv_cache_update = update
     return stats
 
 
@@ -152,7 +185,9 @@ def test_backend_attention_matches_dense_reference_layer_by_layer(models, name, 
     assert all(len(t) == 6 for t in tokens)
     assert stats["layers"] == set(range(len(impls)))
     assert stats["decode_calls"] > 0 and stats["prefill_calls"] > 0
-    print(f"{name} {preset}: {len(stats['errors'])} checks, max relative error {max(stats['errors']):.2e}")
+    assert (stats["exact_reads"] > 0) == (PRESETS[preset].sink + PRESETS[preset].window > 0)
+    print(f"{name} {preset}: {len(stats['errors'])} checks, max relative error {max(stats['errors']):.2e}, "
+          f"{stats['exact_reads']} protected reads")
     assert max(stats["errors"]) < 1e-3
 
 
@@ -162,20 +197,31 @@ def test_compressed_prefill_reads_every_token_back_from_the_slots(models):
                         ) as llm:
         stats = _attach_checker(llm, compressed_prefill=True)
         _exercise(llm)
-    assert stats["prefill_calls"] > 0 and max(stats["errors"]) < 1e-3
+    assert stats["prefill_calls"] > 0 and stats["exact_reads"] > 0 and max(stats["errors"]) < 1e-3
 
 
 def test_kv_capacity_grows_by_the_bytes_ratio(models):
-    capacity = {}
-    for dtype in ("auto", "turboquant3", "turboquant4_qjl"):
-        with in_process_llm(str(models["d128_mqa"]), kv_cache_dtype=dtype) as llm:
-            capacity[dtype] = kv_cache_tokens(llm)
-    bf16 = 2 * 2 * 128
-    for dtype in ("turboquant3", "turboquant4_qjl"):
-        expected = bf16 / slot_layout(dtype, 128).slot_bytes
-        ratio = capacity[dtype] / capacity["auto"]
-        print(f"{dtype}: {capacity[dtype]} tokens vs bf16 {capacity['auto']} = {ratio:.3f}x (bytes ratio {expected:.3f})")
-        assert ratio >= 0.95 * expected
+    """vLLM's own reported capacity: the bytes ratio without protected tokens, and with the default
+    sink + window the pool's share counted in (S + W exact K/V rows per max_model_len tokens)."""
+    bf16 = 2 * 2 * 128  # bytes per token and KV head (head_dim 128, one KV head)
+    for max_len in (2048, 32768):
+        capacity = {}
+        for dtype, extra in (("auto", {}), ("turboquant3", {}), ("turboquant4_qjl", {}),
+                             ("turboquant3 S=W=0", {"sink": 0, "window": 0})):
+            with in_process_llm(str(models["d128_mqa"]), kv_cache_dtype=dtype.split()[0], max_model_len=max_len,
+                                additional_config={"turboquant": extra}) as llm:
+                capacity[dtype] = kv_cache_tokens(llm)
+        for dtype in ("turboquant3", "turboquant4_qjl", "turboquant3 S=W=0"):
+            preset = PRESETS[dtype.split()[0]]
+            sink, window = (0, 0) if "S=W=0" in dtype else (preset.sink, preset.window)
+            per_token = slot_layout(preset, 128).slot_bytes + pool_bytes_per_token(sink, window, 1, 128, 2, max_len)
+            expected = bf16 / per_token
+            ratio = capacity[dtype] / capacity["auto"]
+            print(f"max_model_len {max_len} {dtype}: {capacity[dtype]} tokens vs bf16 {capacity['auto']} = "
+                  f"{ratio:.3f}x (bytes ratio {expected:.3f} = 512 / ({per_token:.2f} B))")
+            assert 0.95 * expected <= ratio <= 1.01 * expected
+        if max_len == 32768:
+            assert capacity["turboquant3"] / capacity["auto"] >= 4.5  # protected-tokens acceptance
 
 
 STOCK_SCRIPT = """

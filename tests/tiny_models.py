@@ -24,7 +24,7 @@ def _tokenizer(path: Path, vocab: int) -> None:
 
 
 def build_llama(path: Path, head_dim: int = 64, num_heads: int = 4, num_kv_heads: int = 2, layers: int = 4,
-                vocab: int = 512, seed: int = 0) -> Path:
+                vocab: int = 512, seed: int = 0, max_positions: int = 4096) -> Path:
     """A bf16 Llama with ``layers`` layers; returns its folder (reused when present)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -34,8 +34,8 @@ def build_llama(path: Path, head_dim: int = 64, num_heads: int = 4, num_kv_heads
     _tokenizer(path, vocab)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=num_heads * head_dim, intermediate_size=256,
                       num_hidden_layers=layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-                      head_dim=head_dim, max_position_embeddings=4096, initializer_range=0.08, bos_token_id=1,
-                      eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
+                      head_dim=head_dim, max_position_embeddings=max_positions, initializer_range=0.08,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
     torch.manual_seed(seed)
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(str(path))
     return path

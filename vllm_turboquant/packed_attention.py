@@ -28,6 +28,7 @@ import torch
 
 from .layout import check_head_dim, slot_layout
 from .presets import PRESETS, Preset
+from .protected import PoolPlanner, ProtectedTokens, padded_page_bytes, pool_rows
 from .registry import CodebookRegistry, LayerTables, load_registry
 from .settings import Settings, load_settings
 
@@ -37,6 +38,8 @@ logger = logging.getLogger("vllm.vllm_turboquant")
 #: where no vLLM config is current (the worker's spec RPC); it runs right after the model (and
 #: so its impls) was built, so this is the running engine's preset.
 _LAST_PRESET: list[str] = []
+#: (S, W, model dtype bytes, max_model_len) of the most recently built packed layer (same reason).
+_LAST_PROTECTED: list[tuple[int, int, int, int]] = []
 _REGISTRIES: dict[tuple, CodebookRegistry] = {}
 _LOCK = threading.Lock()
 
@@ -67,7 +70,60 @@ def packed_spec(spec):
     if spec.dtype != torch.uint8 or spec.kv_quant_mode != KVQuantMode.NONE or spec.state_content_bytes:
         return spec
     layout = slot_layout(run_preset_name(), spec.head_size)
-    return replace(spec, state_content_bytes=layout.slot_bytes)
+    spec = replace(spec, state_content_bytes=layout.slot_bytes)
+    sink, window, dtype_bytes, max_model_len = run_protected()
+    if sink + window:
+        # the protected-token pool's share of every page, so vLLM's capacity counts it
+        spec = replace(spec, page_size_padded=padded_page_bytes(
+            spec.page_size_bytes, spec.block_size, sink, window, spec.num_kv_heads, spec.head_size, dtype_bytes,
+            max_model_len))
+    return spec
+
+
+def run_protected() -> tuple[int, int, int, int]:
+    """(S, W, model dtype bytes, max_model_len) of this engine's packed layers."""
+    cfg = current_vllm_config()
+    if cfg is not None and cfg.cache_config is not None and cfg.cache_config.cache_dtype in PRESETS:
+        preset = PRESETS[cfg.cache_config.cache_dtype]
+        settings = load_settings(getattr(cfg, "additional_config", None))
+        mc = cfg.model_config
+        return (*settings.protected(preset), mc.dtype.itemsize, int(mc.max_model_len))
+    if _LAST_PROTECTED:
+        return _LAST_PROTECTED[-1]
+    raise RuntimeError("vllm-turboquant: cannot tell the protected-token settings of this engine")
+
+
+class ProtectedGroup:
+    """The protected-token bookkeeping of one KV-cache group (held by its metadata builder).
+
+    ``step(meta, num_blocks, device)`` plans the step once (the first packed layer to write
+    calls it; the others get the same pool rows)."""
+
+    def __init__(self, sink: int, window: int, max_model_len: int, block_size: int):
+        self.sink, self.window, self.max_model_len, self.block_size = sink, window, max_model_len, block_size
+        self.planner: PoolPlanner | None = None
+
+    def step(self, meta, num_blocks: int, device: torch.device) -> torch.Tensor:
+        if self.planner is None:
+            rows = pool_rows(num_blocks, self.block_size, self.sink, self.window, self.max_model_len)
+            self.planner = PoolPlanner(self.sink, self.window, num_blocks * self.block_size, rows, device)
+            logger.info("vllm-turboquant: protected tokens sink=%d window=%d, exact-copy pool of %d rows per layer",
+                        self.sink, self.window, rows)
+        if getattr(meta, "tq_entries", None) is None:
+            meta.tq_entries = self.planner.plan(meta.query_start_loc, meta.seq_lens, meta.block_table,
+                                                meta.slot_mapping, self.block_size)
+        return meta.tq_entries
+
+
+def protected_group(vllm_config, block_size: int) -> ProtectedGroup | None:
+    """The builder's ProtectedGroup for a packed run with S + W > 0, else None."""
+    name = vllm_config.cache_config.cache_dtype
+    if name not in PRESETS:
+        return None
+    sink, window = load_settings(getattr(vllm_config, "additional_config", None)).protected(PRESETS[name])
+    if sink + window == 0:
+        return None
+    return ProtectedGroup(sink, window, int(vllm_config.model_config.max_model_len), block_size)
 
 
 def check_packed_layer(name: str, attn_type: Any, alibi_slopes, sinks, logits_soft_cap, head_size: int,
@@ -154,7 +210,11 @@ class PackedLayerMixin:
         self.layer_index: int | None = None
         self._tables: LayerTables | None = None
         self._ops = None
+        self._pool: torch.Tensor | None = None
+        self.sink, self.protect_window = self.settings.protected(preset)
         _LAST_PRESET[:] = [preset.name]
+        _LAST_PROTECTED[:] = [(self.sink, self.protect_window, cfg.model_config.dtype.itemsize,
+                               int(cfg.model_config.max_model_len))]
 
     def _kv_head_range(self) -> tuple[int, int]:
         """This worker's slice of the global KV heads (replicated when TP > KV heads)."""
@@ -176,24 +236,42 @@ class PackedLayerMixin:
                             slot_layout(self.preset, self.head_size).slot_bytes, self.settings.compressed_prefill)
         return self._tables
 
+    def _protected(self, meta, kv_cache: torch.Tensor, dtype: torch.dtype
+                   ) -> tuple[ProtectedTokens | None, torch.Tensor | None]:
+        """This layer's ProtectedTokens and the step's pool rows of the new tokens (None, None when off)."""
+        group = getattr(meta, "tq_group", None)
+        if group is None:
+            return None, None
+        entries = group.step(meta, kv_cache.shape[0], kv_cache.device)
+        rows = group.planner.rows
+        if self._pool is None or self._pool.shape[0] != rows or self._pool.dtype != dtype:
+            self._pool = torch.zeros(rows, self.num_kv_heads, 2, self.head_size, dtype=dtype, device=kv_cache.device)
+        return ProtectedTokens(group.sink, group.window, self._pool, group.planner.table), entries
+
     def _write_packed(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                      slot_mapping: torch.Tensor) -> None:
+                      slot_mapping: torch.Tensor, meta=None) -> None:
         """Encode the new tokens into the cache. kv_cache: vLLM's uint8 [num_blocks, H, block_size,
-        slot_bytes] view (any strides, slot bytes contiguous)."""
+        slot_bytes] view (any strides, slot bytes contiguous); meta: the step's attention metadata
+        (for protected tokens)."""
         tables = self._layer_tables(layer, key.device)
         n = min(key.shape[0], slot_mapping.shape[0])
+        protected, entries = self._protected(meta, kv_cache, key.dtype)
+        kw = {} if protected is None else dict(protected=protected, entries=entries[:n])
         # -> the ops' [blocks, block_size, H, slot] view
-        self._ops.write_cache(kv_cache.permute(0, 2, 1, 3), slot_mapping[:n], key[:n], value[:n], tables, self.preset)
+        self._ops.write_cache(kv_cache.permute(0, 2, 1, 3), slot_mapping[:n], key[:n], value[:n], tables, self.preset,
+                              **kw)
 
     def _forward_packed(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         kv_cache: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                        block_table: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+                        block_table: torch.Tensor, output: torch.Tensor, meta=None) -> torch.Tensor:
         """Attention of a varlen batch (decode, prefill and chunked prefill mixed, any order).
 
         Request i owns query rows query_start_loc[i]:query_start_loc[i+1], the last q_len of its
         seq_lens[i] tokens, all already written to the cache. Writes ``output`` rows in place.
         Reads the split back to the host (not CUDA-graph safe)."""
         tables = self._layer_tables(layer, query.device)
+        protected, _ = self._protected(meta, kv_cache, key.dtype)
+        kw = {} if protected is None else dict(protected=protected)
         cache = kv_cache.permute(0, 2, 1, 3)
         qsl = query_start_loc.long()
         seq_lens = seq_lens.long()
@@ -206,7 +284,7 @@ class PackedLayerMixin:
         if bool(decode.any()):
             rows = qsl[:-1][decode]
             out = self._ops.paged_decode(query[rows], cache, block_table[decode], seq_lens[decode], tables,
-                                         self.preset, self.scale, self.window)
+                                         self.preset, self.scale, self.window, **kw)
             output[rows] = out.to(output.dtype)
         prefill = ~decode & (q_lens > 0)
         if bool(prefill.any()):
@@ -216,6 +294,6 @@ class PackedLayerMixin:
             sub_qsl[1:] = torch.cumsum(lens, 0)
             out = self._ops.prefill(query[rows], key[rows], value[rows], cache, block_table[prefill],
                                     sub_qsl, seq_lens[prefill], tables, self.preset, self.scale, self.window,
-                                    compressed_chunk=self.settings.compressed_prefill)
+                                    compressed_chunk=self.settings.compressed_prefill, **kw)
             output[rows] = out.to(output.dtype)
         return output

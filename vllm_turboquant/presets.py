@@ -25,6 +25,9 @@ class Preset:
         variance-optimal lambda* = 1 / (1 + pi d / (2 m))).
     center_keys: subtract the registry's per-head key mean before quantising
         (needs calibrated means; without them the mean is zero).
+    sink / window: protected tokens (``protected.py``): the first ``sink`` and the
+        ``window`` most recent tokens of a sequence are attended exactly. Defaults;
+        the run's settings may override them. 0 / 0 is plain TurboQuant.
     """
 
     name: str
@@ -33,12 +36,16 @@ class Preset:
     qjl_ratio: float = 0.0
     qjl_scale: QJLScale = "unbiased"
     center_keys: bool = False
+    sink: int = 0
+    window: int = 0
     description: str = ""
 
     def __post_init__(self) -> None:
         for field, bits in (("key_bits", self.key_bits), ("value_bits", self.value_bits)):
             if bits not in (1, 2, 3, 4):
                 raise ValueError(f"preset {self.name!r}: {field}={bits}, accepted: 1, 2, 3, 4")
+        if self.sink < 0 or self.window < 0:
+            raise ValueError(f"preset {self.name!r}: sink={self.sink}, window={self.window}, accepted: >= 0")
         if not 0.0 <= self.qjl_ratio <= 4.0:
             raise ValueError(f"preset {self.name!r}: qjl_ratio={self.qjl_ratio}, accepted: 0..4")
         if self.qjl_scale not in ("unbiased", "optimal"):
@@ -83,10 +90,11 @@ def _row(name: str, key_bits: int, value_bits: int, **kw) -> tuple[str, Preset]:
 
 PRESETS: dict[str, Preset] = dict(
     [
-        # Recommended settings: Lloyd-Max codes for keys and values.
-        _row("turboquant4", 4, 4, description="4-bit Lloyd-Max keys and values"),
-        _row("turboquant3", 3, 3, description="3-bit Lloyd-Max keys and values"),
-        _row("turboquant2", 2, 2, description="2-bit Lloyd-Max keys and values"),
+        # Recommended settings: Lloyd-Max codes for keys and values; the first 4 tokens and the
+        # 64 most recent ones attended exactly (README: "Protected tokens").
+        _row("turboquant4", 4, 4, sink=4, window=64, description="4-bit Lloyd-Max keys and values"),
+        _row("turboquant3", 3, 3, sink=4, window=64, description="3-bit Lloyd-Max keys and values"),
+        _row("turboquant2", 2, 2, sink=4, window=64, description="2-bit Lloyd-Max keys and values"),
         # The paper's TurboQuant_prod exactly: (b-1)-bit keys + 1-bit QJL (m = d, lambda = 1).
         _row("turboquant4_qjl", 3, 4, qjl_ratio=1.0, description="paper: 3-bit keys + QJL, 4-bit values"),
         _row("turboquant3_qjl", 2, 3, qjl_ratio=1.0, description="paper: 2-bit keys + QJL, 3-bit values"),

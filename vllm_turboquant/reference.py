@@ -29,6 +29,7 @@ import torch
 
 from .layout import SlotFields, pack_slots, read_fp16, slot_layout, unpack_lookup, unpack_slots
 from .presets import Preset, get_preset
+from .protected import ProtectedTokens, exact_rows, protected_mask, write_pool
 from .registry import LayerTables
 
 
@@ -108,12 +109,16 @@ def encode_slots(key: torch.Tensor, value: torch.Tensor, tables: LayerTables, pr
 
 
 def write_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                tables: LayerTables, preset: Preset | str) -> None:
+                tables: LayerTables, preset: Preset | str, protected: ProtectedTokens | None = None,
+                entries: torch.Tensor | None = None) -> None:
     """Encode N new tokens and store them in place at flat slot indices (block * block_size + offset).
 
     cache: uint8 [num_blocks, block_size, H, slot_bytes], any strides (vLLM's block-head-token
     cache permuted to this order works as is); slot_mapping (N,), negative = skip (padding).
+    With ``protected``, token i's exact copy also goes to pool row entries[i] (-1 = none).
     """
+    if protected is not None and entries is not None:
+        write_pool(protected.pool, entries, key, value, tables)
     keep = slot_mapping >= 0
     slots = encode_slots(key[keep], value[keep], tables, preset)
     index = slot_mapping[keep].long()
@@ -147,6 +152,17 @@ def gather_slots(cache: torch.Tensor, block_table: torch.Tensor, length: int) ->
     return cache[blocks, pos % block_size]
 
 
+def _exact_at(protected: ProtectedTokens, block_table: torch.Tensor, block_size: int, length: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact copies of positions [0, length) of every sequence: has-copy (B, length) bool and the
+    rotated rows (B, length, H, 2, d) in ACC (zeros where there is no copy)."""
+    pos = torch.arange(length, device=block_table.device)
+    slot = block_table[:, pos // block_size].long() * block_size + pos % block_size
+    entry = protected.entry_of_slot.long()[slot]
+    has = entry >= 0
+    return has, torch.where(has[..., None, None, None], protected.pool[entry.clamp_min(0)].to(ACC), 0.0)
+
+
 def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
     """Causal (and sliding-window) visibility of key positions to query positions."""
     ok = k_pos <= q_pos
@@ -167,13 +183,15 @@ def _softmax(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
 
 def paged_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                  tables: LayerTables, preset: Preset | str, scale: float,
-                 sliding_window: int | None = None) -> torch.Tensor:
+                 sliding_window: int | None = None, protected: ProtectedTokens | None = None) -> torch.Tensor:
     """One new query per sequence against its cached tokens, read from packed slots.
 
     query (B, Hq, d); block_table (B, max_blocks) int; seq_lens (B,) tokens in the
     cache, the query's own included (it sits at position seq_len - 1).
     Scores use the rotated query; values are accumulated in the rotated space and
-    un-rotated once per query head. Returns float32 (B, Hq, d); empty sequences give zeros.
+    un-rotated once per query head. With ``protected``, protected keys that have an exact
+    copy are read from it (as a rotated vector of norm 1 without QJL term).
+    Returns float32 (B, Hq, d); empty sequences give zeros.
     """
     preset = get_preset(preset)
     B, Hq, d = query.shape
@@ -186,6 +204,21 @@ def paged_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Te
     y = unpack_lookup(slots[..., lay.key_codes:lay.key_codes + lay.key_code_bytes], lay.key_bits, d,
                       t.key_centroids)
 
+    k_pos = torch.arange(L, device=query.device)
+    key_norm = read_fp16(slots, lay.key_norm).to(ACC)  # (B, L, H)
+    value_norm = read_fp16(slots, lay.value_norm).to(ACC)
+    yv = unpack_lookup(slots[..., lay.value_codes:lay.value_codes + lay.value_code_bytes], lay.value_bits, d,
+                       t.value_centroids)
+    use = None
+    if protected is not None and protected.sink + protected.window > 0 and L:
+        use, exact = _exact_at(protected, block_table, cache.shape[1], L)
+        use &= protected_mask(seq_lens.unsqueeze(-1) - 1, k_pos, protected.sink, protected.window)
+        use &= k_pos < seq_lens.unsqueeze(-1)  # (B, L)
+        y = torch.where(use[..., None, None], exact[..., 0, :], y)
+        yv = torch.where(use[..., None, None], exact[..., 1, :], yv)
+        key_norm = torch.where(use[..., None], 1.0, key_norm)
+        value_norm = torch.where(use[..., None], 1.0, value_norm)
+
     q = query.to(ACC).reshape(B, H, Hq // H, d)
     q_rot = torch.einsum("bhgd,hed->bhge", q, t.key_rotation)
     scores = torch.einsum("bhge,blhe->bhgl", q_rot, y)
@@ -195,33 +228,42 @@ def paged_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Te
         q_proj = torch.einsum("bhge,hme->bhgm", q_rot, t.qjl)
         sketch = torch.einsum("bhgm,blhm->bhgl", q_proj, signs)
         gamma = read_fp16(slots, lay.key_gamma).to(ACC)
+        if use is not None:
+            gamma = torch.where(use[..., None], 0.0, gamma)
         scores = scores + preset.qjl_coefficient(d) * gamma.permute(0, 2, 1).unsqueeze(2) * sketch
-    scores = scores * read_fp16(slots, lay.key_norm).to(ACC).permute(0, 2, 1).unsqueeze(2)
+    scores = scores * key_norm.permute(0, 2, 1).unsqueeze(2)
     scores = scores + torch.einsum("bhgd,hd->bhg", q, t.key_mean).unsqueeze(-1)
 
-    k_pos = torch.arange(L, device=query.device)
     visible = (k_pos < seq_lens.unsqueeze(-1)) & _visible(seq_lens.unsqueeze(-1) - 1, k_pos, sliding_window)
     p = _softmax(scores * scale, visible[:, None, None, :])
 
-    weights = p * read_fp16(slots, lay.value_norm).to(ACC).permute(0, 2, 1).unsqueeze(2)
-    yv = unpack_lookup(slots[..., lay.value_codes:lay.value_codes + lay.value_code_bytes], lay.value_bits, d,
-                       t.value_centroids)
+    weights = p * value_norm.permute(0, 2, 1).unsqueeze(2)
     acc = torch.einsum("bhgl,blhe->bhge", weights, yv)
     out = torch.einsum("bhge,hed->bhgd", acc, t.value_rotation)
     return out.reshape(B, Hq, d).float()
 
 
 def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
-                    q_pos: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
+                    q_pos: torch.Tensor, sliding_window: int | None = None,
+                    exact: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Causal GQA attention: query (T, Hq, d) at positions q_pos (T,), key/value (L, H, d)
-    at positions 0..L-1. Computed in ACC; returns float32 (T, Hq, d)."""
+    at positions 0..L-1. ``exact`` = (key', value' (L, H, d), use (T, L) bool): query t reads
+    key/value l from key'/value' where use[t, l]. Computed in ACC; returns float32 (T, Hq, d)."""
     T, Hq, d = query.shape
     L, H, _ = key.shape
     q = query.to(ACC).reshape(T, H, Hq // H, d)
     scores = torch.einsum("thgd,lhd->thgl", q, key.to(ACC)) * scale
+    if exact is not None:
+        use = exact[2][:, None, None, :]
+        scores = torch.where(use, torch.einsum("thgd,lhd->thgl", q, exact[0].to(ACC)) * scale, scores)
     visible = _visible(q_pos.unsqueeze(-1), torch.arange(L, device=query.device), sliding_window)
     p = _softmax(scores, visible[:, None, None, :])
-    return torch.einsum("thgl,lhd->thgd", p, value.to(ACC)).reshape(T, Hq, d).float()
+    if exact is None:
+        out = torch.einsum("thgl,lhd->thgd", p, value.to(ACC))
+    else:
+        out = (torch.einsum("thgl,lhd->thgd", torch.where(use, 0.0, p), value.to(ACC))
+               + torch.einsum("thgl,lhd->thgd", torch.where(use, p, 0.0), exact[1].to(ACC)))
+    return out.reshape(T, Hq, d).float()
 
 
 def fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
@@ -241,30 +283,50 @@ def fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 def prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor,
             block_table: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
             tables: LayerTables, preset: Preset | str, scale: float, sliding_window: int | None = None,
-            compressed_chunk: bool = False) -> torch.Tensor:
+            compressed_chunk: bool = False, protected: ProtectedTokens | None = None) -> torch.Tensor:
     """Causal attention for chunks of new tokens over a compressed cached prefix.
 
     query (T, Hq, d), key/value (T, H, d): the new tokens of all sequences, packed;
     sequence b owns rows query_start_loc[b]:query_start_loc[b+1] and has seq_lens[b]
     tokens in total, the new ones last (they must already be written to the cache).
     The prefix is read from the slots; the chunk's own K/V are exact, or read from
-    the slots too when ``compressed_chunk`` (what decode would see). Returns (T, Hq, d).
+    the slots too when ``compressed_chunk`` (what decode would see). With ``protected``,
+    a protected prefix key with an exact copy is read from it, and with ``compressed_chunk``
+    a protected chunk key from its own exact row (``protected.exact_rows``, what the pool
+    holds). Returns (T, Hq, d).
     """
     preset = get_preset(preset)
     layout = slot_layout(preset, query.shape[-1])
     out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
+    guard = protected is not None and protected.sink + protected.window > 0
+    t = _in_acc(tables)
     for b in range(len(seq_lens)):
         start, stop, L = int(query_start_loc[b]), int(query_start_loc[b + 1]), int(seq_lens[b])
         if stop == start:
             continue
         ctx = L - (stop - start)
-        fields = unpack_slots(gather_slots(cache, block_table[b:b + 1], L)[0], layout)
         q_pos = torch.arange(ctx, L, device=query.device)
-        if compressed_chunk:
-            k, v = dequantize(fields, _in_acc(tables), preset)
-            out[start:stop] = dense_attention(query[start:stop], k, v, scale, q_pos, sliding_window)
-        else:
+        if not compressed_chunk and (ctx == 0 or not guard):
+            fields = unpack_slots(gather_slots(cache, block_table[b:b + 1], L)[0], layout)
             k, v = dequantize(fields, tables, preset)
             k[ctx:], v[ctx:] = key[start:stop].float(), value[start:stop].float()
             out[start:stop] = fused_attention(query[start:stop], k, v, scale, q_pos, sliding_window)
+            continue
+        fields = unpack_slots(gather_slots(cache, block_table[b:b + 1], L)[0], layout)
+        k, v = dequantize(fields, t, preset)
+        exact = None
+        if not compressed_chunk:
+            k[ctx:], v[ctx:] = key[start:stop].to(ACC), value[start:stop].to(ACC)
+        if guard:
+            has, rows = _exact_at(protected, block_table[b:b + 1], cache.shape[1], L)
+            has, rows = has[0], rows[0]
+            has[ctx:] = compressed_chunk  # the chunk's exact rows are in hand
+            if compressed_chunk:
+                rows[ctx:] = exact_rows(key[start:stop], value[start:stop], tables, protected.pool.dtype).to(ACC)
+            k_pos = torch.arange(L, device=query.device)
+            use = has & protected_mask(q_pos.unsqueeze(-1), k_pos, protected.sink, protected.window)
+            k_exact = torch.einsum("lhe,hed->lhd", rows[:, :, 0], t.key_rotation) + t.key_mean
+            v_exact = torch.einsum("lhe,hed->lhd", rows[:, :, 1], t.value_rotation)
+            exact = (k_exact, v_exact, use)
+        out[start:stop] = dense_attention(query[start:stop], k, v, scale, q_pos, sliding_window, exact)
     return out

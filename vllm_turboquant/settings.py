@@ -7,6 +7,8 @@
 | calibration | VLLM_TURBOQUANT_CALIBRATION | none | a calibration file (``python -m vllm_turboquant.calibrate``) to load and validate at start |
 | seed | VLLM_TURBOQUANT_SEED | 0 | seed of the data-oblivious rotations and QJL matrices |
 | ops | VLLM_TURBOQUANT_OPS | auto | ``torch`` (reference path), ``triton`` (kernels), ``auto`` (triton on CUDA, torch on CPU) |
+| sink | VLLM_TURBOQUANT_SINK | the preset's | first S tokens of every sequence attended exactly (``protected.py``) |
+| window | VLLM_TURBOQUANT_WINDOW | the preset's | the W most recent tokens (the query's own included) attended exactly |
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ class Settings:
     calibration: str | None = None
     seed: int = 0
     ops: str = "auto"
+    sink: int | None = None
+    window: int | None = None
+
+    def protected(self, preset) -> tuple[int, int]:
+        """(S, W) for a preset: these settings where given, else the preset's defaults."""
+        return (preset.sink if self.sink is None else self.sink,
+                preset.window if self.window is None else self.window)
 
 
 def _parse(name: str, raw: Any, kind: type) -> Any:
@@ -55,13 +64,17 @@ def load_settings(additional_config: Mapping[str, Any] | None = None,
         raise ValueError(f"unknown turboquant option(s) {unknown}; accepted: {sorted(known)}")
     values = {}
     for name, f in known.items():
-        kind = {"bool": bool, "int": int}.get(str(f.type), str)
+        kind = {"bool": bool, "int": int, "int | None": int}.get(str(f.type), str)
         env = environ.get(f"VLLM_TURBOQUANT_{name.upper()}")
         if name in section:
             values[name] = _parse(name, section[name], kind)
         elif env is not None:
             values[name] = _parse(name, env, kind)
     settings = Settings(**values)
+    for name in ("sink", "window"):
+        v = getattr(settings, name)
+        if v is not None and v < 0:
+            raise ValueError(f"turboquant option {name}={v}: expected an integer >= 0")
     if settings.ops not in OPS_CHOICES:
         raise ValueError(f"turboquant option ops={settings.ops!r}; accepted: {', '.join(OPS_CHOICES)}")
     return settings
