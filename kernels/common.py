@@ -13,7 +13,8 @@ field offset and bit width arrives as a ``tl.constexpr`` from
 
 Host side: ``kernel_layout`` (constexpr kwargs for a preset and head size),
 ``cache_strides`` (checks a paged cache and returns its block / token / head strides),
-``next_pow2``, ``dot_precision``.
+``next_pow2``, ``dot_precision``, ``protection`` / ``check_protected`` (check a
+``ProtectedTokens``; whether the kernels compile the protected-token path in).
 
 Paged caches are uint8 ``[num_blocks, block_size, H, slot_bytes]`` with *any* strides
 for the first three dims (the last must be 1): vLLM allocates ``[num_blocks, H,
@@ -92,6 +93,32 @@ def attention_setup(query: torch.Tensor, cache: torch.Tensor, tables, preset):
         raise ValueError(f"Hq={Hq} query heads must be a multiple of the cache's H={H} KV heads")
     check_tables(tables, cache.device)
     return preset, layout, kw, strides, H, Hq // H
+
+
+def protection(protected, num_kv_heads: int, head_dim: int, device: torch.device) -> bool:
+    """Whether protected tokens are on (``protected`` given and S + W > 0), after ``check_protected``.
+
+    When this is False the kernels compile the protected-token code out."""
+    if protected is None or protected.sink + protected.window == 0:
+        return False
+    check_protected(protected, num_kv_heads, head_dim, device)
+    return True
+
+
+def check_protected(protected, num_kv_heads: int, head_dim: int, device: torch.device) -> None:
+    """The pool must be [P, num_kv_heads, 2, head_dim] float (bf16 / fp16 / fp32) with stride 1
+    in the last dim, and ``entry_of_slot`` a 1-d int32 / int64 tensor, both on ``device``; ValueError otherwise."""
+    pool, table = protected.pool, protected.entry_of_slot
+    want = f"[P, {num_kv_heads}, 2, {head_dim}] float with stride 1 in the last dim"
+    if (pool.dim() != 4 or tuple(pool.shape[1:]) != (num_kv_heads, 2, head_dim) or not pool.is_floating_point()
+            or (pool.stride(3) != 1 and head_dim > 1)):
+        raise ValueError(f"protected.pool must be {want}, got {pool.dtype} {tuple(pool.shape)} "
+                         f"strides {tuple(pool.stride())}")
+    if table.dtype not in (torch.int32, torch.int64) or table.dim() != 1:
+        raise ValueError(f"protected.entry_of_slot must be a 1-d int32 tensor, got {table.dtype} "
+                         f"{tuple(table.shape)}")
+    if pool.device != device or table.device != device:
+        raise ValueError(f"protected tokens live on {pool.device} / {table.device}, the cache on {device}")
 
 
 def check_tables(tables, device: torch.device) -> None:

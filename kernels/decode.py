@@ -18,6 +18,13 @@ Three launches per step:
 3. ``_decode_reduce_kernel``, grid (batch, KV head): merges the splits' (max, sum, acc)
    and un-rotates once per query head, o = Π_vᵀ acc / l.
 
+Protected tokens (``PROTECT``, see ``vllm_turboquant.protected``): a key at position k is
+protected for the query (at seq_len - 1) when k < S or k > seq_len - 1 - W. The split kernel
+loads ``entry_of_slot`` for each tile's slots; a protected key with a copy (entry >= 0) is
+read from its pool row inside the same online softmax: the rotated key Π_k (k - μ) replaces
+ŷ with norm 1 and no QJL term, the rotated value Π_v v replaces c_v[idx_v] with norm 1.
+S = W = 0 (or no ``protected``) compiles that code out, so the plain path is unchanged.
+
 The number of splits is fixed per launch (a function of batch and head counts, not
 of the sequence lengths), so the launch shape is CUDA-graph friendly; splits that
 fall past a short sequence write an empty partial.
@@ -38,7 +45,7 @@ import triton.language as tl
 
 from ..presets import Preset
 from .common import (DEFAULT_LOOKUP, attention_setup, dot_precision, load_codes, load_fp16, load_table, lookup,
-                     next_pow2, unrotate_store)
+                     next_pow2, protection, unrotate_store)
 from .rotate import rotate_rows
 
 LOG2E = 1.4426950408889634
@@ -50,8 +57,9 @@ def _decode_split_kernel(
     q_rot_ptr, q_proj_ptr, q_mu_ptr,  # (B, Hq, D), (B, Hq, M), (B, Hq) float32
     key_cent_ptr, value_cent_ptr,  # (H, 2**KEY_BITS), (H, 2**VALUE_BITS)
     part_acc_ptr, part_max_ptr, part_sum_ptr,  # (B, Hq, SPLITS, D), (B, Hq, SPLITS), (B, Hq, SPLITS)
+    pool_ptr, entry_ptr, stride_pp, stride_ph, stride_pkv, sink, window,  # protected tokens (PROTECT)
     stride_bt, stride_cb, stride_cs, stride_ch, num_kv_heads, block_size, score_scale, qjl_coef, sliding_window,
-    G: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    PROTECT: tl.constexpr, G: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, QJL_DIM: tl.constexpr,
     OFF_KEY_CODES: tl.constexpr, OFF_KEY_SIGNS: tl.constexpr, OFF_KEY_NORM: tl.constexpr,
     OFF_KEY_GAMMA: tl.constexpr, OFF_VALUE_CODES: tl.constexpr, OFF_VALUE_NORM: tl.constexpr,
@@ -85,6 +93,7 @@ def _decode_split_kernel(
     key_table = load_table(key_cent, KEY_BITS)
     value_table = load_table(value_cent, VALUE_BITS)
     cache_h = cache_ptr + h.to(tl.int64) * stride_ch  # this KV head's slots
+    pool_h = pool_ptr + h.to(tl.int64) * stride_ph  # this KV head's exact copies
 
     m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
@@ -99,13 +108,24 @@ def _decode_split_kernel(
                        KEY_BITS, LOOKUP)  # [N, D]
         if BLOCK_D != HEAD_DIM:
             y_key = tl.where((d < HEAD_DIM)[None, :], y_key, 0.0)
+        key_norm = load_fp16(slot + OFF_KEY_NORM, valid)
+        if PROTECT:  # protected keys with an exact copy: its rotated row, norm 1, no QJL term
+            entry = tl.load(entry_ptr + page.to(tl.int64) * block_size + pos % block_size, mask=valid, other=-1)
+            use = valid & (entry >= 0) & ((pos < sink) | (pos > seq_len - 1 - window))  # [N]
+            exact = pool_h + entry.to(tl.int64) * stride_pp  # [N] rows (Π_k (k - μ), Π_v v)
+            exact_mask = use[:, None] & (d < HEAD_DIM)[None, :]
+            y_key = tl.where(use[:, None], tl.load(exact[:, None] + d[None, :], mask=exact_mask,
+                                                   other=0.0).to(tl.float32), y_key)
+            key_norm = tl.where(use, 1.0, key_norm)
         s = tl.dot(q, tl.trans(y_key), input_precision=DOT_PRECISION)  # [G, N]
         if QJL_DIM > 0:
             bits = load_codes(slot, valid, OFF_KEY_SIGNS, 1, QJL_DIM, BLOCK_QJL)
             signs = (2 * bits - 1).to(tl.float32)  # padding columns meet q_proj == 0
             gamma = load_fp16(slot + OFF_KEY_GAMMA, valid)
+            if PROTECT:
+                gamma = tl.where(use, 0.0, gamma)
             s += (qjl_coef * gamma)[None, :] * tl.dot(q_proj, tl.trans(signs), input_precision=DOT_PRECISION)
-        s = (s * load_fp16(slot + OFF_KEY_NORM, valid)[None, :] + q_mu[:, None]) * score_scale  # log2 units
+        s = (s * key_norm[None, :] + q_mu[:, None]) * score_scale  # log2 units
         s = tl.where(valid[None, :], s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -117,7 +137,12 @@ def _decode_split_kernel(
 
         y_value = lookup(value_table, value_cent,
                          load_codes(slot, valid, OFF_VALUE_CODES, VALUE_BITS, HEAD_DIM, BLOCK_D), VALUE_BITS, LOOKUP)
-        w = w * load_fp16(slot + OFF_VALUE_NORM, valid)[None, :]
+        value_norm = load_fp16(slot + OFF_VALUE_NORM, valid)
+        if PROTECT:
+            y_value = tl.where(use[:, None], tl.load(exact[:, None] + stride_pkv + d[None, :], mask=exact_mask,
+                                                     other=0.0).to(tl.float32), y_value)
+            value_norm = tl.where(use, 1.0, value_norm)
+        w = w * value_norm[None, :]
         acc = acc * alpha[:, None] + tl.dot(w, y_value, input_precision=DOT_PRECISION)
 
     part = row * NUM_SPLITS + split
@@ -184,9 +209,18 @@ def decode_config(head_dim: int) -> dict[str, int]:
     return dict(BLOCK_N=32, num_warps=8)
 
 
+def _pool_args(protected, dummy: torch.Tensor) -> tuple:
+    """(pool, entry_of_slot, pool strides (row, head, K/V), sink, window) kernel arguments; dummies when None."""
+    if protected is None:
+        return dummy, dummy, 0, 0, 0, 0, 0
+    pool = protected.pool
+    return (pool, protected.entry_of_slot, pool.stride(0), pool.stride(1), pool.stride(2),
+            protected.sink, protected.window)
+
+
 def paged_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                  tables, preset: Preset | str, scale: float, sliding_window: int | None = None,
-                 num_splits: int | None = None, *, out: torch.Tensor | None = None,
+                 num_splits: int | None = None, *, protected=None, out: torch.Tensor | None = None,
                  lookup_mode: str = DEFAULT_LOOKUP) -> torch.Tensor:
     """One new query per sequence against its cached tokens (same semantics as ``reference.paged_decode``).
 
@@ -194,10 +228,13 @@ def paged_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Te
     the first three dims but stride 1 in the last (vLLM's [num_blocks, H, block_size,
     slot_bytes] cache is passed as ``kv_cache.permute(0, 2, 1, 3)``); block_table
     (B, max_blocks) int; seq_lens (B,) cached tokens, the query's own included.
+    ``protected`` (a ``ProtectedTokens``): protected keys with an exact copy are read from
+    the pool (S = W = 0 or None compiles that out).
     Returns ``out`` (default float32 (B, Hq, d)); empty sequences give zeros.
     """
     B, Hq, D = query.shape
     preset, layout, kw, (stride_cb, stride_cs, stride_ch), H, G = attention_setup(query, cache, tables, preset)
+    protect = protection(protected, H, D, cache.device)
     if out is None:
         out = torch.empty(B, Hq, D, dtype=torch.float32, device=query.device)
     if B == 0:
@@ -213,10 +250,11 @@ def paged_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Te
     _decode_split_kernel[(B, H, splits)](
         cache, block_table, seq_lens, q_rot, q_proj if q_proj is not None else q_rot, q_mu,
         tables.key_centroids, tables.value_centroids, part_acc, part_max, part_sum,
+        *_pool_args(protected if protect else None, cache),
         block_table.stride(0), stride_cb, stride_cs, stride_ch, H, cache.shape[1], scale * LOG2E,
         preset.qjl_coefficient(D),
         sliding_window or 0,
-        G=G, NUM_SPLITS=splits, BLOCK_G=block_g, **kw, LOOKUP=lookup_mode, DOT_PRECISION=prec,
+        PROTECT=protect, G=G, NUM_SPLITS=splits, BLOCK_G=block_g, **kw, LOOKUP=lookup_mode, DOT_PRECISION=prec,
         **decode_config(D),
     )
     _decode_reduce_kernel[(B, H)](

@@ -10,6 +10,11 @@ sits in registers whole); the code vector stays in registers and is packed
 8 coordinates at a time, exactly as ``layout.pack_bits``. Norms and γ are
 rounded to fp16 like the reference. Tokens with slot_mapping < 0 are skipped.
 
+Protected tokens (``PROTECT``, see ``vllm_turboquant.protected``): a token with
+``entries[t] >= 0`` also gets its exact copy, pool row ``entries[t]`` = (Π_k (k - μ),
+Π_v v), computed in fp32 and rounded to the pool's dtype (the reference computes in
+float64, so rows agree within one rounding). Without ``PROTECT`` that code is compiled out.
+
 The cache is ``[num_blocks, block_size, H, slot_bytes]`` with any strides for the
 first three dims (vLLM's block-head-token cache, permuted): slot index i = block *
 block_size + offset lives at ``block * stride_cb + offset * stride_cs + head * stride_ch``.
@@ -22,8 +27,8 @@ import triton
 import triton.language as tl
 
 from ..presets import Preset, get_preset
-from .common import (DEFAULT_LOOKUP, bucketize, cache_strides, check_tables, kernel_layout, load_table, lookup,
-                     store_codes, store_fp16)
+from .common import (DEFAULT_LOOKUP, bucketize, cache_strides, check_protected, check_tables, kernel_layout,
+                     load_table, lookup, store_codes, store_fp16)
 
 
 @triton.jit
@@ -50,18 +55,45 @@ def _rotate_unit(x_ptr, mean_ptr, rot_ptr, HAS_MEAN: tl.constexpr, HEAD_DIM: tl.
 
 
 @triton.jit
+def _store_pool_row(row_ptr, x_ptr, mean_ptr, rot_ptr, HAS_MEAN: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+    """row = Π (x - μ) (unnormalised, fp32, rounded to the row's dtype) for one head's vector."""
+    d = tl.arange(0, BLOCK_D)
+    y = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for c0 in range(0, BLOCK_D, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < HEAD_DIM
+        xc = tl.load(x_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        if HAS_MEAN:
+            xc -= tl.load(mean_ptr + c, mask=c_ok, other=0.0)
+        rot = tl.load(rot_ptr + d[:, None] * HEAD_DIM + c[None, :], mask=(d < HEAD_DIM)[:, None] & c_ok[None, :],
+                      other=0.0)  # [D, C] = Π[:, c]
+        y += tl.sum(rot * xc[None, :], axis=1)
+    tl.store(row_ptr + d, y.to(row_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+@triton.jit
 def _store_kernel(
     cache_ptr, slot_mapping_ptr, key_ptr, value_ptr,
     key_rot_ptr, value_rot_ptr, qjl_ptr, key_bnd_ptr, key_cent_ptr, value_bnd_ptr, key_mean_ptr,
+    pool_ptr, entries_ptr, num_entries, stride_pp, stride_ph, stride_pkv,  # protected tokens (PROTECT)
     stride_kn, stride_kh, stride_vn, stride_vh, stride_cb, stride_cs, stride_ch, block_size,
     HEAD_DIM: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, QJL_DIM: tl.constexpr,
     OFF_KEY_CODES: tl.constexpr, OFF_KEY_SIGNS: tl.constexpr, OFF_KEY_NORM: tl.constexpr,
     OFF_KEY_GAMMA: tl.constexpr, OFF_VALUE_CODES: tl.constexpr, OFF_VALUE_NORM: tl.constexpr,
     SLOT_BYTES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_QJL: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, LOOKUP: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, LOOKUP: tl.constexpr, PROTECT: tl.constexpr,
 ):
     t = tl.program_id(0)
     h = tl.program_id(1)
+    if PROTECT:  # the exact copy, whether or not the token has a packed slot (as the reference)
+        entry = tl.load(entries_ptr + t, mask=t < num_entries, other=-1).to(tl.int64)
+        if entry >= 0:
+            row = pool_ptr + entry * stride_pp + h.to(tl.int64) * stride_ph
+            _store_pool_row(row, key_ptr + t.to(tl.int64) * stride_kn + h * stride_kh, key_mean_ptr + h * HEAD_DIM,
+                            key_rot_ptr + h * HEAD_DIM * HEAD_DIM, True, HEAD_DIM, BLOCK_D, BLOCK_C)
+            _store_pool_row(row + stride_pkv, value_ptr + t.to(tl.int64) * stride_vn + h * stride_vh, key_mean_ptr,
+                            value_rot_ptr + h * HEAD_DIM * HEAD_DIM, False, HEAD_DIM, BLOCK_D, BLOCK_C)
     slot_index = tl.load(slot_mapping_ptr + t).to(tl.int64)
     if slot_index < 0:
         return
@@ -97,14 +129,17 @@ def _store_kernel(
 
 
 def store(cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-          tables, preset: Preset | str, *, lookup_mode: str = DEFAULT_LOOKUP) -> None:
+          tables, preset: Preset | str, protected=None, entries: torch.Tensor | None = None, *,
+          lookup_mode: str = DEFAULT_LOOKUP) -> None:
     """Encode N new tokens into the paged cache in place (same semantics as ``reference.write_cache``).
 
     cache: uint8 [num_blocks, block_size, H, slot_bytes], any strides for the first three
     dims but stride 1 in the last (vLLM's [num_blocks, H, block_size, slot_bytes] cache
     is passed as ``kv_cache.permute(0, 2, 1, 3)``); ValueError otherwise.
     slot_mapping (N,) flat slot index (block * block_size + offset), negative = skip;
-    key/value (N, H, d), any float dtype.
+    key/value (N, H, d), any float dtype. With ``protected`` (a ``ProtectedTokens``) and
+    ``entries`` (N,) int, token i's exact copy also goes to ``protected.pool[entries[i]]``
+    (-1 = none; as in the reference, also for tokens whose slot is skipped).
     """
     preset = get_preset(preset)
     N, H, D = key.shape
@@ -113,15 +148,25 @@ def store(cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor, va
     check_tables(tables, cache.device)
     if N == 0:
         return
+    protect = (protected is not None and entries is not None and entries.numel() > 0
+               and protected.pool.shape[0] > 0)
+    if protect:
+        check_protected(protected, H, D, cache.device)
+        if entries.device != cache.device or entries.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"entries must be int32/int64 on {cache.device}, got {entries.dtype} on {entries.device}")
+        pool = protected.pool
+        pool_args = (pool, entries, min(entries.shape[0], N), pool.stride(0), pool.stride(1), pool.stride(2))
+    else:
+        pool_args = (cache, slot_mapping, 0, 0, 0, 0)
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
     block_d = kw["BLOCK_D"]
     _store_kernel[(N, H)](
         cache, slot_mapping, key, value,
         tables.key_rotation, tables.value_rotation, tables.qjl if layout.has_qjl else tables.key_rotation,
-        tables.key_boundaries, tables.key_centroids, tables.value_boundaries, tables.key_mean,
+        tables.key_boundaries, tables.key_centroids, tables.value_boundaries, tables.key_mean, *pool_args,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1), stride_cb, stride_cs, stride_ch,
         cache.shape[1],
         **kw, BLOCK_C=min(block_d, 8192 // block_d), BLOCK_S=max(8, min(kw["BLOCK_QJL"], 8192 // block_d)),
-        LOOKUP=lookup_mode, num_warps=4 if block_d <= 128 else 8,
+        LOOKUP=lookup_mode, PROTECT=protect, num_warps=4 if block_d <= 128 else 8,
     )
