@@ -41,17 +41,28 @@ def capacity(model, out):
     from vllm_turboquant.inprocess import kv_cache_tokens
     from vllm_turboquant.layout import slot_layout
 
-    rows, base = [], None
-    for dtype in ("auto", "fp8", "turboquant4", "turboquant3", "turboquant2", "turboquant3_qjl"):
-        with _llm(model, dtype) as llm:
+    from vllm_turboquant.presets import PRESETS
+    from vllm_turboquant.protected import pool_bytes_per_token
+
+    rows, base, max_len = [], None, 2560
+    for spec in ("auto", "fp8", "turboquant4", "turboquant3", "turboquant3 S=W=0", "turboquant2", "turboquant3_qjl"):
+        dtype = spec.split()[0]
+        off = "S=W=0" in spec
+        extra = {"additional_config": {"turboquant": {"sink": 0, "window": 0}}} if off else {}
+        with _llm(model, dtype, max_model_len=max_len, **extra) as llm:
             tokens = kv_cache_tokens(llm)
         base = base or tokens
         nbytes = 256 if dtype == "auto" else 128 if dtype == "fp8" else slot_layout(dtype, 64).slot_bytes
-        rows.append(f"| {dtype} | {nbytes} | {tokens:,} | {tokens / base:.3f}x | {256 / nbytes:.3f}x |")
+        sw = (0, 0) if off or dtype not in PRESETS else (PRESETS[dtype].sink, PRESETS[dtype].window)
+        pool = pool_bytes_per_token(*sw, 1, 64, 2, max_len)
+        rows.append(f"| {spec} | {sw[0]} / {sw[1]} | {nbytes} + {pool:.1f} | {tokens:,} | {tokens / base:.3f}x | "
+                    f"{256 / (nbytes + pool):.3f}x |")
     space = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
-    out(f"## KV capacity (SmolLM2-135M, head_dim 64, all 30 layers quantised, VLLM_CPU_KVCACHE_SPACE={space} GiB)\n\n"
-        "| kv-cache dtype | bytes/token/KV head | vLLM's KV cache size (tokens) | vs bf16 | bytes ratio |\n|---|---|---|---|---|\n"
-        + "\n".join(rows) + "\n")
+    out(f"## KV capacity (SmolLM2-135M, head_dim 64, all 30 layers quantised, VLLM_CPU_KVCACHE_SPACE={space} GiB, "
+        f"max_model_len {max_len})\n\nBytes = packed slot + the protected-token pool's share "
+        "((S + W) x 256 B per max_model_len tokens).\n\n"
+        "| kv-cache dtype | S / W | bytes/token/KV head | vLLM's KV cache size (tokens) | vs bf16 | bytes ratio |\n"
+        "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
 def _chat(llm, n_tokens):
@@ -70,15 +81,17 @@ def divergence(model, out):
              "|---|---|---|"]
     answers = []
     # fp8 (vLLM's own 8-bit cache) is the control: how early does any KV perturbation flip greedy tokens?
-    for dtype in ("fp8", "turboquant4", "turboquant3", "turboquant3_qjl"):
-        with _llm(model, dtype) as llm:
+    for spec in ("fp8", "turboquant4", "turboquant3", "turboquant4 S=W=0", "turboquant3 S=W=0", "turboquant3_qjl"):
+        dtype = spec.split()[0]
+        extra = {"additional_config": {"turboquant": {"sink": 0, "window": 0}}} if "S=W=0" in spec else {}
+        with _llm(model, dtype, **extra) as llm:
             got = _chat(llm, 128)
         firsts = []
         for (rt, _), (gt, _) in zip(ref, got):
             n = next((i for i, (a, b) in enumerate(zip(rt, gt)) if a != b), min(len(rt), len(gt)))
             firsts.append(n)
-        lines.append(f"| {dtype} | {sum(firsts) / len(firsts):.1f} | {sum(f >= min(len(r[0]), 128) for f, r in zip(firsts, ref))}/16 |")
-        answers.append((dtype, got, firsts))
+        lines.append(f"| {spec} | {sum(firsts) / len(firsts):.1f} | {sum(f >= min(len(r[0]), 128) for f, r in zip(firsts, ref))}/16 |")
+        answers.append((spec, got, firsts))
     out("\n".join(lines) + "\n")
     detail = ["<details><summary>answers</summary>\n"]
     for i, prompt in enumerate(CHAT_PROMPTS):

@@ -44,6 +44,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -80,6 +81,12 @@ SUITES: dict[str, dict[str, Any]] = {
         "ruler_lengths": {"smollm2": [1024], "gemma3": [4096]},
         "ruler_samples": 1, "ruler_gen_toks": 32,
     },
+    # perplexity only: the protected-token (S, W) and preset sweeps
+    "ppl": {
+        "ppl": {"smollm2": (4, 1024), "gemma3": (1, 4096)},
+        "loglik_tasks": [], "loglik_limit": 0, "ruler_tasks": [],
+        "ruler_lengths": {"smollm2": [], "gemma3": []}, "ruler_samples": 0,
+    },
     "full": {
         "ppl": {"smollm2": (16, 2048), "gemma3": (8, 8192)},
         "loglik_tasks": LOGLIK_TASKS, "loglik_limit": None,
@@ -104,12 +111,36 @@ def suite_config(suite: str, model: str) -> dict[str, Any]:
             "ruler_samples": s["ruler_samples"], "ruler_gen_toks": s.get("ruler_gen_toks", 128)}
 
 
+_SW = re.compile(r"s(\d+)w(\d+)")
+
+
 def split_dtype(spec: str) -> tuple[str, bool]:
-    """``"turboquant3+calibrated"`` -> ("turboquant3", True)."""
-    base, _, flag = spec.partition("+")
-    if flag and flag != "calibrated":
-        raise ValueError(f"unknown dtype suffix {flag!r} in {spec!r}; accepted: +calibrated")
-    return base, bool(flag)
+    """``"turboquant3+calibrated"`` -> ("turboquant3", True); a ``+sSwW`` suffix (``spec_protected``) is allowed."""
+    base, *flags = spec.split("+")
+    for flag in flags:
+        if flag != "calibrated" and not _SW.fullmatch(flag):
+            raise ValueError(f"unknown dtype suffix {flag!r} in {spec!r}; accepted: +calibrated, +sSwW "
+                             "(protected tokens, e.g. +s4w64)")
+    return base, "calibrated" in flags
+
+
+def spec_protected(spec: str) -> tuple[int, int] | None:
+    """``"turboquant3+s4w64"`` -> (4, 64): sink and window for this run; None = the preset's defaults."""
+    for flag in spec.split("+")[1:]:
+        m = _SW.fullmatch(flag)
+        if m:
+            return int(m.group(1)), int(m.group(2))
+    return None
+
+
+def effective_protected(spec: str) -> tuple[int, int] | None:
+    """(S, W) a spec runs with (its suffix, else the preset's defaults); None for non-TurboQuant dtypes."""
+    dtype, _ = split_dtype(spec)
+    if not is_turboquant(dtype):
+        return None
+    from vllm_turboquant.presets import PRESETS
+
+    return spec_protected(spec) or (PRESETS[dtype].sink, PRESETS[dtype].window)
 
 
 def is_turboquant(dtype: str) -> bool:
@@ -220,12 +251,17 @@ def run_worker(spec: str, model: str, suite: str, json_path: Path, two_engines: 
     tq = is_turboquant(dtype)
     if calibrated and not tq:
         raise ValueError(f"{spec}: +calibrated needs a TurboQuant preset")
+    if spec_protected(spec) and not tq:
+        raise ValueError(f"{spec}: +sSwW needs a TurboQuant preset")
     rec: dict[str, Any] = {"spec": spec, "kv_cache_dtype": dtype, "calibrated": calibrated, "model": name,
                            "model_path": path, "suite": suite, "config": cfg, "facts": facts,
                            "bytes_per_token_head": bytes_per_token_head(dtype, facts["head_dim"], facts["dtype"]),
-                           "timings": {}, "errors": [], "loglik": {}, "ruler": {}, "ppl": None}
+                           "timings": {}, "errors": [], "loglik": {}, "ruler": {}, "ppl": None,
+                           "protected": effective_protected(spec)}
     timings = rec["timings"]
     tq_config: dict[str, Any] = {}
+    if spec_protected(spec):
+        tq_config["sink"], tq_config["window"] = spec_protected(spec)
     if calibrated:
         t = time.perf_counter()
         tq_config["calibration"] = str(calibration_file(name, dtype, path))
@@ -449,18 +485,40 @@ def render_report(records: list[dict], meta: dict, plot_names: list[str] | None 
     L.append("## (a) Perplexity — compressed-prefill mode\n")
     L.append(f"Held-out Shakespeare (`shakespeare_heldout.txt`), {cfg['ppl_windows']} windows × "
              f"{cfg['ppl_window_tokens']} tokens, teacher-forced (`evals/perplexity.py`).\n")
-    L.append("| dtype | bytes/token/KV head | perplexity | Δ vs auto | scored tokens | per window |")
-    L.append("|---|---:|---:|---:|---:|---|")
+    L.append("S / W = protected tokens (sink, recent window) read exactly; the packed slot bytes are shown, "
+             "the exact-copy pool adds the bytes of the table below.\n")
+    L.append("| dtype | S / W | bytes/token/KV head | perplexity | Δ vs auto | scored tokens | per window |")
+    L.append("|---|---|---:|---:|---:|---:|---|")
     bp = (base or {}).get("ppl") or {}
     for r in records:
         p = r.get("ppl") or {}
+        sw = "—" if not r.get("protected") else "{} / {}".format(*r["protected"])
         if not p:
-            L.append(f"| `{r['spec']}` | {r['bytes_per_token_head']} | failed | | | |")
+            L.append(f"| `{r['spec']}` | {sw} | {r['bytes_per_token_head']} | failed | | | |")
             continue
         d = _delta(p["ppl"], bp.get("ppl"), 2, pct=True).strip(" ()") if bp and r is not base else ""
-        L.append(f"| `{r['spec']}` | {r['bytes_per_token_head']} | {p['ppl']:.2f} | {d} | {p['tokens']} | "
+        L.append(f"| `{r['spec']}` | {sw} | {r['bytes_per_token_head']} | {p['ppl']:.2f} | {d} | {p['tokens']} | "
                  f"{', '.join(f'{w:.1f}' for w in p['window_ppl'])} |")
     L.append("")
+    sws = sorted({tuple(r["protected"]) for r in records if r.get("protected") and sum(r["protected"])})
+    if sws:
+        from vllm_turboquant.protected import pool_bytes_per_token
+
+        lens = (4096, 32768, 131072)
+        L.append("Memory of the exact-copy pool, bytes per cached token per KV head (S + W rows of K+V in bf16 "
+                 "per `max_model_len` tokens, `protected.pool_bytes_per_token`), and the pool as a share of "
+                 "each TurboQuant dtype's slot:\n")
+        L.append("| S / W | " + " | ".join(f"{n // 1024}K" for n in lens) + " | "
+                 + " | ".join(f"share of `{r['spec']}` at 32K" for r in records
+                              if r.get("protected") and tuple(r["protected"]) == sws[-1]) + " |")
+        L.append("|---|" + "---:|" * len(lens) + "---:|" * sum(
+            1 for r in records if r.get("protected") and tuple(r["protected"]) == sws[-1]))
+        for S, W in sws:
+            per = [pool_bytes_per_token(S, W, 1, facts["head_dim"], 2, n) for n in lens]
+            share = [f"{pool_bytes_per_token(S, W, 1, facts['head_dim'], 2, 32768) / r['bytes_per_token_head']:.1%}"
+                     for r in records if r.get("protected") and tuple(r["protected"]) == sws[-1]]
+            L.append(f"| {S} / {W} | " + " | ".join(f"{x:.2f}" for x in per) + " | " + " | ".join(share) + " |")
+        L.append("")
 
     # (b) loglik
     if tasks:

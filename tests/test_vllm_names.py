@@ -43,6 +43,7 @@ COMMON = [
     ("model_executor/layers/attention/attention.py", "class", "Attention"),
     ("entrypoints/cli/main.py", "def", "main"),
     ("plugins/__init__.py", "def", "load_general_plugins"),
+    ("forward_context.py", "def", "get_forward_context"),
 ]
 ONLY_032 = [("config/cache.py", "assign", "CacheDType"), ("engine/arg_utils.py", "def", "_compute_kwargs")]
 ONLY_033 = [("config/cache.py", "def", "register_kv_cache_dtype"), ("config/cache.py", "assign", "KV_CACHE_DTYPES")]
@@ -52,11 +53,13 @@ SIGNATURES = [
     ("v1/attention/backends/cpu_attn.py", "CPUAttentionBackendImpl", "forward"),
     ("v1/attention/backends/cpu_attn.py", "CPUAttentionBackendImpl", "do_kv_cache_update"),
     ("v1/attention/backends/cpu_attn.py", "CPUAttentionMetadataBuilder", "__init__"),
+    ("v1/attention/backends/cpu_attn.py", "CPUAttentionMetadataBuilder", "build"),
 ]
 # Metadata fields and spec fields the backend reads.
 FIELDS = [("v1/attention/backends/cpu_attn.py", "CPUAttentionMetadata",
            ["query_start_loc", "seq_lens", "block_table", "slot_mapping", "num_actual_tokens"]),
-          ("v1/kv_cache_interface.py", "AttentionSpec", ["state_content_bytes", "kv_quant_mode", "dtype", "head_size"])]
+          ("v1/kv_cache_interface.py", "AttentionSpec", ["state_content_bytes", "kv_quant_mode", "dtype", "head_size",
+                                                           "page_size_padded"])]
 
 
 def _tree(root: Path, rel: str) -> ast.Module:

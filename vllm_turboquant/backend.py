@@ -28,7 +28,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from .packed_attention import (PackedLayerMixin, check_packed_layer, packed_spec, protected_group,  # noqa: F401
-                               shared_registry)
+                               shared_registry, step_metadata)
 from .presets import PRESETS
 
 
@@ -96,7 +96,7 @@ class TurboQuantImpl(PackedLayerMixin, CPUAttentionBackendImpl):
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
         if self.preset is None:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        self._write_packed(layer, key, value, kv_cache, slot_mapping, _step_metadata(layer.layer_name))
+        self._write_packed(layer, key, value, kv_cache, slot_mapping, step_metadata(layer.layer_name))
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output=None, output_scale=None,
                 output_block_scale=None):
@@ -108,12 +108,3 @@ class TurboQuantImpl(PackedLayerMixin, CPUAttentionBackendImpl):
         return self._forward_packed(layer, query, key, value, kv_cache, attn_metadata.query_start_loc,
                                     attn_metadata.seq_lens, attn_metadata.block_table, output, attn_metadata)
 
-
-def _step_metadata(layer_name: str):
-    """This step's attention metadata of a layer (the cache-write hook is not handed it)."""
-    from vllm.forward_context import get_forward_context
-
-    meta = get_forward_context().attn_metadata
-    if isinstance(meta, list):  # speculative decoding: [0] is the base model's
-        meta = meta[0]
-    return meta.get(layer_name) if isinstance(meta, dict) else meta

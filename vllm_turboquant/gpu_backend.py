@@ -55,6 +55,12 @@ batch with a longer query takes the shared varlen path
 to the host and so runs eagerly (piecewise mode keeps attention out of graphs).
 Per-layer tables are built when the metadata builder is created (before graph
 capture; vLLM does no warm-up run before capturing by default).
+
+Protected tokens (``protected.py``; on by default for the plain presets) plan their
+exact-copy pool on the host once per step, which syncs: with S + W > 0 the builder
+reports no CUDA-graph support and every batch takes the varlen path. Set
+``sink``/``window`` to 0 to get the graph-captured decode back. Moving the plan
+into ``build`` (with a persistent entries buffer) would lift this; not done yet.
 """
 
 from __future__ import annotations
@@ -77,7 +83,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from .layout import check_head_dim
-from .packed_attention import PackedLayerMixin, check_packed_layer, packed_spec
+from .packed_attention import PackedLayerMixin, check_packed_layer, packed_spec, protected_group, step_metadata
 from .presets import PRESETS
 from .settings import load_settings
 
@@ -202,6 +208,8 @@ class TurboQuantGPUMetadata(AttentionMetadata):
     block_table: torch.Tensor  # (num_reqs, max_blocks) int32, device
     slot_mapping: torch.Tensor  # (num_tokens,) device, negative = padding
     decode_only: bool  # every request has at most one new token: the sync-free decode path
+    tq_group: object = None  # packed_attention.ProtectedGroup when protected tokens are on
+    tq_entries: torch.Tensor | None = None  # this step's pool rows of the new tokens (planned by the first layer)
 
 
 class TurboQuantGPUMetadataBuilder(AttentionMetadataBuilder[TurboQuantGPUMetadata]):
@@ -209,6 +217,7 @@ class TurboQuantGPUMetadataBuilder(AttentionMetadataBuilder[TurboQuantGPUMetadat
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.tq_group = protected_group(vllm_config, kv_cache_spec.block_size)
         self._prepare_layers()
 
     def _prepare_layers(self) -> None:
@@ -229,6 +238,9 @@ class TurboQuantGPUMetadataBuilder(AttentionMetadataBuilder[TurboQuantGPUMetadat
         # The torch reference ops (settings ops=torch) sync with the host: no CUDA graphs then.
         if load_settings(getattr(vllm_config, "additional_config", None)).ops == "torch":
             return AttentionCGSupport.NEVER
+        # Protected tokens plan their exact-copy pool on the host per step (a sync): eager only, for now.
+        if protected_group(vllm_config, kv_cache_spec.block_size) is not None:
+            return AttentionCGSupport.NEVER
         return cls._cudagraph_support
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
@@ -243,7 +255,8 @@ class TurboQuantGPUMetadataBuilder(AttentionMetadataBuilder[TurboQuantGPUMetadat
             seq_lens=cam.seq_lens,
             block_table=cam.block_table_tensor,
             slot_mapping=cam.slot_mapping,
-            decode_only=cam.max_query_len <= 1,  # a host int: no sync
+            decode_only=cam.max_query_len <= 1 and self.tq_group is None,  # a host int: no sync
+            tq_group=self.tq_group,
         )
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> TurboQuantGPUMetadata:
@@ -299,7 +312,7 @@ class TurboQuantGPUImpl(PackedLayerMixin, AttentionImpl[TurboQuantGPUMetadata]):
         if slot_mapping.shape[0] == 0:
             return
         self._tables_for(layer, key.device)
-        self._write_packed(layer, key, value, kv_cache, slot_mapping)
+        self._write_packed(layer, key, value, kv_cache, slot_mapping, step_metadata(layer.layer_name))
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: TurboQuantGPUMetadata, output: torch.Tensor,
@@ -313,7 +326,7 @@ class TurboQuantGPUImpl(PackedLayerMixin, AttentionImpl[TurboQuantGPUMetadata]):
         if attn_metadata.decode_only:
             return self._forward_decode_only(query, value, kv_cache, attn_metadata, output)
         return self._forward_packed(layer, query, key, value, kv_cache, attn_metadata.query_start_loc,
-                                    attn_metadata.seq_lens, attn_metadata.block_table, output)
+                                    attn_metadata.seq_lens, attn_metadata.block_table, output, attn_metadata)
 
     def _forward_decode_only(self, query: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                              md: TurboQuantGPUMetadata, output: torch.Tensor) -> torch.Tensor:

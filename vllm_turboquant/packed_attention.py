@@ -115,6 +115,16 @@ class ProtectedGroup:
         return meta.tq_entries
 
 
+def step_metadata(layer_name: str):
+    """This step's attention metadata of a layer (vLLM's cache-write hook is not handed it)."""
+    from vllm.forward_context import get_forward_context
+
+    meta = get_forward_context().attn_metadata
+    if isinstance(meta, list):  # speculative decoding: [0] is the base model's
+        meta = meta[0]
+    return meta.get(layer_name) if isinstance(meta, dict) else meta
+
+
 def protected_group(vllm_config, block_size: int) -> ProtectedGroup | None:
     """The builder's ProtectedGroup for a packed run with S + W > 0, else None."""
     name = vllm_config.cache_config.cache_dtype
