@@ -39,6 +39,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from vllm_turboquant.kernels.decode import default_num_splits, paged_decode  # noqa: E402
+from vllm_turboquant.protected import ProtectedTokens  # noqa: E402
 from vllm_turboquant.layout import slot_layout  # noqa: E402
 from vllm_turboquant.registry import CodebookRegistry  # noqa: E402
 
@@ -193,7 +194,21 @@ def time_ms(fn) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def bench_point(preset, B, ctx, H, G, D, block_size, device, num_splits=None, cache_layout="vllm"):
+def protected_for(block_table, ctx, H, D, block_size, sink, window, device):
+    """A pool with the sink and window copies of every sequence (as the planner leaves it), or None."""
+    if sink + window == 0:
+        return None
+    B = block_table.shape[0]
+    pos = torch.cat([torch.arange(min(sink, ctx)), torch.arange(max(sink, ctx - window), ctx)]).to(device)
+    slots = block_table[:, pos // block_size].long() * block_size + pos % block_size  # (B, n)
+    entry = torch.full((block_table.numel() * block_size,), -1, dtype=torch.int32, device=device)
+    entry[slots.flatten()] = torch.arange(slots.numel(), dtype=torch.int32, device=device)
+    pool = torch.randn(slots.numel(), H, 2, D, device=device, dtype=torch.bfloat16)
+    return ProtectedTokens(sink, window, pool, entry)
+
+
+def bench_point(preset, B, ctx, H, G, D, block_size, device, num_splits=None, cache_layout="vllm",
+                protected=(0, 0)):
     layout = slot_layout(preset, D)
     blocks_per_seq = triton.cdiv(ctx, block_size)
     num_blocks = B * blocks_per_seq
@@ -205,8 +220,9 @@ def bench_point(preset, B, ctx, H, G, D, block_size, device, num_splits=None, ca
     splits = num_splits or default_num_splits(B, H, torch.device(device))
     scale = D ** -0.5
     out = torch.empty(B, H * G, D, dtype=torch.bfloat16, device=device)
+    prot = protected_for(block_table, ctx, H, D, block_size, *protected, device)
     ours = time_ms(lambda: paged_decode(query, cache, block_table, seq_lens, tables, preset, scale,
-                                        num_splits=splits, out=out))
+                                        num_splits=splits, out=out, protected=prot))
     del cache
     k_cache = torch.randn(num_blocks, block_size, H, D, device=device, dtype=torch.bfloat16)
     v_cache = torch.randn_like(k_cache)
@@ -214,7 +230,7 @@ def bench_point(preset, B, ctx, H, G, D, block_size, device, num_splits=None, ca
     del k_cache, v_cache
     tokens = B * ctx * H
     return dict(preset=preset, batch=B, context=ctx, kv_heads=H, gqa=G, head_dim=D, block_size=block_size,
-                cache_layout=cache_layout, splits=splits, slot_bytes=layout.slot_bytes, us=ours * 1e3,
+                cache_layout=cache_layout, splits=splits, sink=protected[0], window=protected[1], slot_bytes=layout.slot_bytes, us=ours * 1e3,
                 bf16_us=base * 1e3,
                 gbps=tokens * layout.slot_bytes / ours / 1e6, bf16_gbps=tokens * 4 * D / base / 1e6,
                 speedup=base / ours)
@@ -233,6 +249,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-layout", choices=["vllm", "contiguous"], default="vllm",
                     help="our cache: vLLM's [blocks, H, block_size, slot] permuted (default) or contiguous "
                          "[blocks, block_size, H, slot]")
+    ap.add_argument("--protected", default="0,0",
+                    help="S,W protected tokens (sink, recent window) read from a bf16 pool; ';'-separated list")
     ap.add_argument("--max-gb", type=float, default=40.0, help="skip points whose bf16 cache is larger")
     ap.add_argument("--quick", action="store_true", help="a handful of points (gpu_check.sh)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
@@ -243,6 +261,7 @@ def main(argv=None) -> int:
     H, D = args.kv_heads, args.head_dim
     if args.quick:
         presets, contexts, batches, gqas = ["turboquant3", "turboquant4_qjl"], [4096, 32768], [1, 32], [4, 8]
+        args.protected = "0,0;4,64"
     device = "cuda"
     if not torch.cuda.is_available():
         print("decode_bench: CUDA is not available -- running one tiny config under the Triton interpreter "
@@ -254,19 +273,20 @@ def main(argv=None) -> int:
     print(f"bf16 baseline check: max error {check_baseline(device):.2e} vs dense fp32 attention")
     print(f"TurboQuant cache layout: {args.cache_layout}")
     rows = []
-    header = (f"{'preset':<16}{'B':>4}{'ctx':>7}{'G':>3}{'split':>6}{'ours us':>10}{'bf16 us':>10}"
+    prots = [tuple(int(x) for x in sw.split(",")) for sw in args.protected.split(";") if sw]
+    header = (f"{'preset':<16}{'S,W':>7}{'B':>4}{'ctx':>7}{'G':>3}{'split':>6}{'ours us':>10}{'bf16 us':>10}"
               f"{'ours GB/s':>11}{'bf16 GB/s':>11}{'speedup':>9}")
     print(header)
-    for preset in presets:
+    for preset, prot in [(p, sw) for p in presets for sw in prots]:
         for G in gqas:
             for B in batches:
                 for ctx in contexts:
                     if B * ctx * H * D * 4 / 1e9 > args.max_gb:
                         continue
                     r = bench_point(preset, B, ctx, H, G, D, args.block_size, device, args.num_splits,
-                                    args.cache_layout)
+                                    args.cache_layout, prot)
                     rows.append(r)
-                    print(f"{preset:<16}{B:>4}{ctx:>7}{G:>3}{r['splits']:>6}{r['us']:>10.1f}{r['bf16_us']:>10.1f}"
+                    print(f"{preset:<16}{'%d,%d' % prot:>7}{B:>4}{ctx:>7}{G:>3}{r['splits']:>6}{r['us']:>10.1f}{r['bf16_us']:>10.1f}"
                           f"{r['gbps']:>11.0f}{r['bf16_gbps']:>11.0f}{r['speedup']:>8.2f}x", flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -27,9 +27,9 @@ if ! "$PY" -c "import vllm_turboquant.kernels.ops" 2>&1 | tee -a "$REPORT"; then
     exit 1
 fi
 
-log "== tests/test_kernels.py (compiled)"
+log "== tests/test_kernels.py tests/test_kernels_protected.py (compiled)"
 if "$PY" -c "import pytest" 2>/dev/null; then
-    timeout 200 "$PY" -m pytest tests/test_kernels.py -q -rfE -p no:cacheprovider --durations=5 2>&1 | tee -a "$REPORT"
+    timeout 220 "$PY" -m pytest tests/test_kernels.py tests/test_kernels_protected.py -q -rfE -p no:cacheprovider --durations=5 2>&1 | tee -a "$REPORT"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 else
     log "pytest is not installed: tests skipped"; status=1
