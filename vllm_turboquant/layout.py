@@ -177,7 +177,7 @@ def unpack_lookup(packed: torch.Tensor, bits: int, n: int, values: torch.Tensor)
         raise ValueError(f"unpack_lookup handles 1-4 bit codes, got {bits}")
     table = _word_table(values, bits, word_bits).reshape(H << word_bits, -1)
     head = (torch.arange(H, device=packed.device, dtype=torch.int32) << word_bits).unsqueeze(-1)
-    return table[words + head].reshape(*packed.shape[:-1], n)
+    return table.index_select(0, (words + head).flatten()).reshape(*packed.shape[:-1], n)
 
 
 def pack_signs(signs: torch.Tensor) -> torch.Tensor:

@@ -163,6 +163,25 @@ def _exact_at(protected: ProtectedTokens, block_table: torch.Tensor, block_size:
     return has, torch.where(has[..., None, None, None], protected.pool[entry.clamp_min(0)].to(ACC), 0.0)
 
 
+def _decode_exact(protected: ProtectedTokens, block_table: torch.Tensor, block_size: int, seq_lens: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The protected positions with a copy of every decode query (at seq_len - 1): sequence and
+    position indices (n,) and their rows (n, H, 2, d) in ACC."""
+    S, W = protected.sink, protected.window
+    dev = block_table.device
+    cand = torch.cat([torch.arange(S, device=dev), torch.arange(-W, 0, device=dev)])
+    sink_part = torch.arange(S + W, device=dev) < S
+    lens = seq_lens.long().unsqueeze(-1)
+    pos = torch.where(sink_part, cand, lens + cand)  # (B, S + W)
+    ok = (pos >= 0) & (pos < lens) & (sink_part | (pos >= S))  # window positions < S are sink ones
+    pos = torch.where(ok, pos, 0)
+    slot = torch.gather(block_table.long(), 1, pos // block_size) * block_size + pos % block_size
+    entry = protected.entry_of_slot.long()[slot]
+    ok &= entry >= 0
+    b_idx, j = torch.nonzero(ok, as_tuple=True)
+    return b_idx, pos[b_idx, j], protected.pool[entry[b_idx, j]].to(ACC)
+
+
 def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
     """Causal (and sliding-window) visibility of key positions to query positions."""
     ok = k_pos <= q_pos
@@ -209,15 +228,13 @@ def paged_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Te
     value_norm = read_fp16(slots, lay.value_norm).to(ACC)
     yv = unpack_lookup(slots[..., lay.value_codes:lay.value_codes + lay.value_code_bytes], lay.value_bits, d,
                        t.value_centroids)
-    use = None
+    exact_at = None
     if protected is not None and protected.sink + protected.window > 0 and L:
-        use, exact = _exact_at(protected, block_table, cache.shape[1], L)
-        use &= protected_mask(seq_lens.unsqueeze(-1) - 1, k_pos, protected.sink, protected.window)
-        use &= k_pos < seq_lens.unsqueeze(-1)  # (B, L)
-        y = torch.where(use[..., None, None], exact[..., 0, :], y)
-        yv = torch.where(use[..., None, None], exact[..., 1, :], yv)
-        key_norm = torch.where(use[..., None], 1.0, key_norm)
-        value_norm = torch.where(use[..., None], 1.0, value_norm)
+        # only the (at most S + W) protected positions of each sequence are touched
+        b_idx, p_idx, rows = _decode_exact(protected, block_table, cache.shape[1], seq_lens)
+        exact_at = (b_idx, p_idx)
+        y[exact_at], yv[exact_at] = rows[:, :, 0], rows[:, :, 1]
+        key_norm[exact_at], value_norm[exact_at] = 1.0, 1.0
 
     q = query.to(ACC).reshape(B, H, Hq // H, d)
     q_rot = torch.einsum("bhgd,hed->bhge", q, t.key_rotation)
@@ -228,8 +245,8 @@ def paged_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Te
         q_proj = torch.einsum("bhge,hme->bhgm", q_rot, t.qjl)
         sketch = torch.einsum("bhgm,blhm->bhgl", q_proj, signs)
         gamma = read_fp16(slots, lay.key_gamma).to(ACC)
-        if use is not None:
-            gamma = torch.where(use[..., None], 0.0, gamma)
+        if exact_at is not None:
+            gamma[exact_at] = 0.0
         scores = scores + preset.qjl_coefficient(d) * gamma.permute(0, 2, 1).unsqueeze(2) * sketch
     scores = scores * key_norm.permute(0, 2, 1).unsqueeze(2)
     scores = scores + torch.einsum("bhgd,hd->bhg", q, t.key_mean).unsqueeze(-1)
