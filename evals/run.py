@@ -83,7 +83,7 @@ SUITES: dict[str, dict[str, Any]] = {
     },
     # perplexity only: the protected-token (S, W) and preset sweeps
     "ppl": {
-        "ppl": {"smollm2": (4, 1024), "gemma3": (1, 4096)},
+        "ppl": {"smollm2": (4, 1024), "gemma3": (2, 2048)},
         "loglik_tasks": [], "loglik_limit": 0, "ruler_tasks": [],
         "ruler_lengths": {"smollm2": [], "gemma3": []}, "ruler_samples": 0,
     },
