@@ -260,3 +260,46 @@ def test_ops_steps_with_planner(compressed, dtype):
         assert rel_err(got, want_r) < (REL_TOL if dtype == torch.float32 else 1e-2), step_lens
         done = ends
     assert planner.dropped > 0 and (planner.entry_of_slot >= 0).sum() > 0
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_prefix_cached_sequence_shares_the_sink_copies_of_its_prefix_blocks(compressed):
+    """B hits A's cached prefix blocks (same physical blocks): the planner gives B no new sink
+    copies, B's prefill and decode read A's. Kernels == reference, and B's sink is really read
+    exactly (differs from reading the same blocks packed)."""
+    preset, d, H, G, bs, S, W = "turboquant3", 64, 2, 2, 16, 4, 8
+    tables = make_tables(preset, d, H).to(DEVICE)
+    cache = torch.zeros(6, bs, H, slot_layout(preset, d).slot_bytes, dtype=torch.uint8, device=DEVICE)
+    block_table = torch.tensor([[0, 1, 2], [0, 1, 3]], dtype=torch.int32, device=DEVICE)  # 32 shared tokens
+    planner = PoolPlanner(S, W, 6 * bs, rows=64, device=torch.device(DEVICE))
+    pool = torch.zeros(64, H, 2, d, dtype=torch.float32, device=DEVICE)
+    g = torch.Generator().manual_seed(5)
+    k_a, v_a = torch.randn(40, H, d, generator=g), torch.randn(40, H, d, generator=g)
+    k_b, v_b = torch.randn(8, H, d, generator=g), torch.randn(8, H, d, generator=g)
+
+    def step(bt, start, k, v):
+        pos = torch.arange(start, start + k.shape[0])
+        slots = (bt[0, pos // bs].long() * bs + pos % bs).to(DEVICE)
+        qsl = torch.tensor([0, k.shape[0]], device=DEVICE)
+        lens = torch.tensor([start + k.shape[0]], device=DEVICE)
+        entries = planner.plan(qsl, lens, bt, slots, bs)
+        prot = ProtectedTokens(S, W, pool, planner.table)
+        ref.write_cache(cache, slots, k, v, tables, preset, protected=prot, entries=entries)
+        return qsl, lens, prot
+
+    step(block_table[:1], 0, k_a, v_a)  # A: a 40-token prompt
+    shared = [int(planner.entry_of_slot[p]) for p in range(S)]
+    assert all(e >= 0 for e in shared)
+    qsl, lens, prot = step(block_table[1:], 32, k_b, v_b)  # B: prefix hit on blocks 0-1, computes 8 tokens
+    assert [int(planner.entry_of_slot[p]) for p in range(S)] == shared  # B reads A's sink copies
+    q = torch.randn(8, H * G, d, generator=g).to(DEVICE)
+    args = (q, k_b.to(DEVICE), v_b.to(DEVICE), cache, block_table[1:], qsl, lens, tables, preset, d ** -0.5)
+    want = ref.prefill(*args, compressed_chunk=compressed, protected=prot)
+    got = ops.prefill(*args, compressed_chunk=compressed, protected=prot)
+    assert rel_err(got, want) < REL_TOL
+    plain = ref.prefill(*args, compressed_chunk=compressed)
+    assert rel_err(plain, want) > 1e-4
+    qd = torch.randn(1, H * G, d, generator=g).to(DEVICE)
+    want = ref.paged_decode(qd, cache, block_table[1:], lens, tables, preset, 0.1, protected=prot)
+    got = ops.paged_decode(qd, cache, block_table[1:], lens, tables, preset, 0.1, protected=prot)
+    assert rel_err(got, want) < REL_TOL
