@@ -91,10 +91,10 @@ def _row(name: str, key_bits: int, value_bits: int, **kw) -> tuple[str, Preset]:
 PRESETS: dict[str, Preset] = dict(
     [
         # Recommended settings: Lloyd-Max codes for keys and values; the first 4 tokens and the
-        # 64 most recent ones attended exactly (README: "Protected tokens").
+        # 64 (2-bit: 128) most recent ones attended exactly (README: "Protected tokens").
         _row("turboquant4", 4, 4, sink=4, window=64, description="4-bit Lloyd-Max keys and values"),
         _row("turboquant3", 3, 3, sink=4, window=64, description="3-bit Lloyd-Max keys and values"),
-        _row("turboquant2", 2, 2, sink=4, window=64, description="2-bit Lloyd-Max keys and values"),
+        _row("turboquant2", 2, 2, sink=4, window=128, description="2-bit Lloyd-Max keys and values"),
         # The paper's TurboQuant_prod exactly: (b-1)-bit keys + 1-bit QJL (m = d, lambda = 1).
         _row("turboquant4_qjl", 3, 4, qjl_ratio=1.0, description="paper: 3-bit keys + QJL, 4-bit values"),
         _row("turboquant3_qjl", 2, 3, qjl_ratio=1.0, description="paper: 2-bit keys + QJL, 3-bit values"),
