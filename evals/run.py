@@ -508,15 +508,16 @@ def render_report(records: list[dict], meta: dict, plot_names: list[str] | None 
         L.append("Memory of the exact-copy pool, bytes per cached token per KV head (S + W rows of K+V in bf16 "
                  "per `max_model_len` tokens, `protected.pool_bytes_per_token`), and the pool as a share of "
                  "each TurboQuant dtype's slot:\n")
+        slots = {}  # kv-cache dtype -> slot bytes, largest first
+        for r in sorted(records, key=lambda r: -r["bytes_per_token_head"]):
+            if r.get("protected"):
+                slots.setdefault(r["kv_cache_dtype"], r["bytes_per_token_head"])
         L.append("| S / W | " + " | ".join(f"{n // 1024}K" for n in lens) + " | "
-                 + " | ".join(f"share of `{r['spec']}` at 32K" for r in records
-                              if r.get("protected") and tuple(r["protected"]) == sws[-1]) + " |")
-        L.append("|---|" + "---:|" * len(lens) + "---:|" * sum(
-            1 for r in records if r.get("protected") and tuple(r["protected"]) == sws[-1]))
+                 + " | ".join(f"share of a `{k}` slot at 32K" for k in slots) + " |")
+        L.append("|---|" + "---:|" * (len(lens) + len(slots)))
         for S, W in sws:
             per = [pool_bytes_per_token(S, W, 1, facts["head_dim"], 2, n) for n in lens]
-            share = [f"{pool_bytes_per_token(S, W, 1, facts['head_dim'], 2, 32768) / r['bytes_per_token_head']:.1%}"
-                     for r in records if r.get("protected") and tuple(r["protected"]) == sws[-1]]
+            share = [f"{per[1] / b:.1%}" for b in slots.values()]
             L.append(f"| {S} / {W} | " + " | ".join(f"{x:.2f}" for x in per) + " | " + " | ".join(share) + " |")
         L.append("")
 
