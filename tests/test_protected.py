@@ -146,25 +146,49 @@ def copies(planner, bt, b, L):
     return [p for p in range(L) if planner.entry_of_slot[int(slots_of(bt, b, [p]))] >= 0]
 
 
+def needed(planner, bt, b, L):
+    """Positions of sequence b whose copy is needed (not spare)."""
+    return [p for p in copies(planner, bt, b, L)
+            if not planner.spare[planner.entry_of_slot[int(slots_of(bt, b, [p]))]]]
+
+
 def test_planner_keeps_sink_and_window_through_chunks_and_decode():
     S, W = 2, 5
     bt = torch.arange(12).reshape(2, 6).int()
     pl = PoolPlanner(S, W, 12 * BS, rows=40, device=torch.device("cpu"))
     entries, _ = plan(pl, bt, [0, 0], [20, 3])  # prompt of 20, prompt of 3 (shorter than S + W)
-    assert copies(pl, bt, 0, 20) == [0, 1, 15, 16, 17, 18, 19]
-    assert copies(pl, bt, 1, 3) == [0, 1, 2]
-    assert int((entries >= 0).sum()) == 10 and len(set(entries[entries >= 0].tolist())) == 10
+    assert needed(pl, bt, 0, 20) == [0, 1, 15, 16, 17, 18, 19]
+    assert needed(pl, bt, 1, 3) == [0, 1, 2]
+    assert copies(pl, bt, 0, 20) == list(range(20))  # the pool has room: spare copies of the rest
+    assert int((entries >= 0).sum()) == 23 and len(set(entries.tolist())) == 23
     plan(pl, bt, [20, 3], [7, 1])  # a chunk of 7, a decode step
-    # this step's queries still read 16..19; they are freed at the next step
-    assert copies(pl, bt, 0, 27) == [0, 1, 15, 16, 17, 18, 19, 22, 23, 24, 25, 26]
-    assert copies(pl, bt, 1, 4) == [0, 1, 2, 3]
+    # this step's queries still read 15..19; they become spare at the next step
+    assert needed(pl, bt, 0, 27) == [0, 1, 15, 16, 17, 18, 19, 22, 23, 24, 25, 26]
+    assert needed(pl, bt, 1, 4) == [0, 1, 2, 3]
     for step in range(10):
         plan(pl, bt, [27 + step, 4 + step], [1, 1])
-        # at most S + W rows per request between steps (+ the one the step just read for the last time)
-        assert len(copies(pl, bt, 0, 28 + step)) <= S + W + 1
-    assert copies(pl, bt, 0, 37) == [0, 1, 31, 32, 33, 34, 35, 36]
-    assert copies(pl, bt, 1, 14) == [0, 1, 8, 9, 10, 11, 12, 13]
+        # a request needs at most S + W rows between steps (+ the one the step just read for the last time)
+        assert len(needed(pl, bt, 0, 28 + step)) <= S + W + 1
+    assert needed(pl, bt, 0, 37) == [0, 1, 31, 32, 33, 34, 35, 36]
+    assert needed(pl, bt, 1, 14) == [0, 1, 8, 9, 10, 11, 12, 13]
     assert pl.dropped == 0
+
+
+def test_planner_spare_copies_serve_a_prefix_cache_hit_and_never_evict_needed_ones():
+    S, W = 1, 4
+    bt = torch.tensor([[0, 1, 2], [0, 1, 3]]).int()  # B shares A's first two blocks (32 tokens)
+    pl = PoolPlanner(S, W, 4 * BS, rows=48, device=torch.device("cpu"))
+    plan(pl, bt[:1], [0], [40])
+    window = [int(pl.entry_of_slot[int(s)]) for s in slots_of(bt, 0, torch.arange(28, 32))]
+    assert all(e >= 0 for e in window) and all(pl.spare[window])  # A does not need them, they are kept
+    plan(pl, bt[1:], [32], [8])  # B: prefix hit, computes 32..39, reads 0 and 28..31
+    assert [int(pl.entry_of_slot[int(s)]) for s in slots_of(bt, 0, torch.arange(28, 32))] == window
+    assert not any(pl.spare[window])  # needed again (B's window)
+    # a long prompt floods the pool: spare copies go, needed ones stay
+    pl2 = PoolPlanner(S, W, 4 * BS, rows=10, device=torch.device("cpu"))
+    plan(pl2, bt[:1], [0], [40])
+    assert copies(pl2, bt, 0, 40) == [0, 31, 32, 33, 34, 35, 36, 37, 38, 39]
+    assert needed(pl2, bt, 0, 40) == [0, 36, 37, 38, 39] and pl2.dropped == 0
 
 
 def test_planner_forgets_a_slot_when_it_is_rewritten_and_evicts_least_recently_used():

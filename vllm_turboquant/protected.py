@@ -27,28 +27,33 @@ unchanged: sequences that share a cached prefix block share its sink copies.
 
 Bookkeeping (``PoolPlanner``, host side, once per step and KV-cache group)
 ------------------------------------------------------------------------
-1. A slot being written gets a new token: its old copy (if any) is freed. This is
+1. A slot being written gets a new token: its old copy (if any) is dropped. This is
    also how block reuse, preemption by recompute and prefix-cache eviction are seen.
 2. The copies this step reads (sink and window of every scheduled request) are
-   marked used; the copies the previous step read for the last time (window tokens
-   that its queries still saw but no later query will) are freed unless read again.
-3. A new token at position p of a request that ends at L after this step gets a copy
-   when p < S or p >= L - W: exactly the tokens a later step can read as protected.
-   Rows come from free ones first, then from the least recently used rows no request
-   of this step reads.
+   marked used and *needed*; the copies the previous step read for the last time
+   (window tokens no later query of that request reads) become *spare*.
+3. A new token at position p of a request that ends at L after this step is *needed*
+   when p < S or p >= L - W: exactly the tokens a later step of the request reads as
+   protected. It gets a row from the unmapped rows first, then the least recently
+   used spare rows, then the least recently used needed rows that no request of this
+   step reads. Every other new token also gets a copy, but only from unmapped or
+   spare rows: spare copies are kept for as long as the pool has room, so a later
+   request that hits this prefix in the prefix cache finds the window copies just
+   before its hit (and reads what it would have read without the prefix cache).
 
-A request thus holds at most S + W rows between steps. The pool has ``pool_rows`` rows:
+A request thus *needs* at most S + W rows between steps; spare rows only ever take
+room no request needs. The pool has ``pool_rows`` rows:
 S + W per ``max_model_len`` tokens of cache capacity, and the same bytes are added
 to every cache page (``page_size_padded``), so vLLM's reported KV capacity counts
 the pool (``pool_bytes_per_token``). When more short requests run at once than the
-pool covers, the least recently used copies are recycled and those tokens are read
-from their packed slots (counted in ``PoolPlanner.dropped`` and logged).
+pool covers, the least recently used needed copies are recycled and those tokens are
+read from their packed slots (counted in ``PoolPlanner.dropped`` and logged).
 
 Semantics across scheduling: within a request, chunked prefill and decode see the
-same copies (a chunk stores the last W of its tokens, which is what the next chunk's
-queries read). A prefix-cache hit finds the sink copies of the shared blocks, but the
-window copies only where the request that wrote those blocks still held them; the
-rest of such a window is read packed.
+same copies (a chunk's last W tokens are needed, which is what the next chunk's
+queries read). A prefix-cache hit finds the sink copies of the shared blocks and,
+while the pool has room, the spare window copies before the hit; copies recycled
+in between are read packed, so only then can a prefix-cache hit change a result.
 """
 
 from __future__ import annotations
@@ -142,6 +147,7 @@ class PoolPlanner:
         self.entry_of_slot = np.full(num_slots, -1, dtype=np.int32)
         self.slot_of_entry = np.full(rows, -1, dtype=np.int64)
         self.last_used = np.full(rows, -1, dtype=np.int64)
+        self.spare = np.zeros(rows, dtype=bool)  # holds a copy no request's sink or window needs now
         self.step = 0
         self.dropped = 0
         self.pending_free = np.zeros(0, dtype=np.int64)  # slots whose copies the last step read for the last time
@@ -176,6 +182,7 @@ class PoolPlanner:
         old = old[old >= 0]
         self.slot_of_entry[old] = -1
         self.last_used[old] = -1
+        self.spare[old] = False
         self.entry_of_slot[written] = -1
 
         # 2. copies read this step: positions < S and >= start + 1 - W before each request's chunk
@@ -188,7 +195,9 @@ class PoolPlanner:
             pos = np.where(ok, pos, 0)
             read = np.take_along_axis(bt, pos // block_size, axis=1) * block_size + pos % block_size
             used = self.entry_of_slot[read[ok]]
-            self.last_used[used[used >= 0]] = self.step
+            used = used[used >= 0]
+            self.last_used[used] = self.step
+            self.spare[used] = False
             # copies no query after this step reads (positions start - W .. end - W - 1, not sinks)
             done = ok & ~sink_part & (pos >= S) & (pos < (ends - W)[:, None])
             later = read[done]
@@ -196,34 +205,53 @@ class PoolPlanner:
             later = np.zeros(0, dtype=np.int64)
         stale = self.entry_of_slot[self.pending_free]
         stale = stale[(stale >= 0) & (self.last_used[np.maximum(stale, 0)] < self.step)]
-        self.entry_of_slot[self.slot_of_entry[stale]] = -1
-        self.slot_of_entry[stale] = -1
-        self.last_used[stale] = -1
+        self.spare[stale] = True
         self.pending_free = later
 
-        # 3. rows for the new tokens a later step can read as protected
+        # 3. rows for the new tokens: the needed ones first, then spare copies of the others
         entries = np.full(T, -1, dtype=np.int32)
         req = np.repeat(np.arange(len(ends)), q_lens)
         p = starts[req] + np.arange(T) - qsl[req]
-        need = np.flatnonzero((slots >= 0) & ((p < S) | (p >= ends[req] - W)))
+        needed = (p < S) | (p >= ends[req] - W)
+        need = np.flatnonzero((slots >= 0) & needed)
         if len(need):
-            free = np.flatnonzero(self.last_used < self.step)
-            if len(free) < len(need):
-                self.dropped += len(need) - len(free)
-                if self.dropped == len(need) - len(free):
+            pick = self._take(len(need), evict_needed=True)
+            if len(pick) < len(need):
+                self.dropped += len(need) - len(pick)
+                if self.dropped == len(need) - len(pick):
                     logger.warning("vllm-turboquant: the protected-token pool (%d rows) is full; some sink/window "
                                    "tokens are read from their packed slots (more concurrent requests than "
                                    "max_model_len amortisation covers)", self.rows)
                 # keep the sink and the latest tokens first
                 order = np.argsort(np.where(p[need] < S, -1, -p[need]), kind="stable")
-                need = need[order[: len(free)]]
-            pick = free[np.argsort(self.last_used[free], kind="stable")[: len(need)]]
-            evicted = self.slot_of_entry[pick]
-            self.entry_of_slot[evicted[evicted >= 0]] = -1
-            self.slot_of_entry[pick] = slots[need]
-            self.last_used[pick] = self.step
-            self.entry_of_slot[slots[need]] = pick
+                need = need[order[: len(pick)]]
+            self._assign(pick, slots[need], spare=False)
             entries[need] = pick
+        extra = np.flatnonzero((slots >= 0) & ~needed)
+        if len(extra):
+            pick = self._take(len(extra), evict_needed=False)
+            extra = extra[len(extra) - len(pick):]  # the latest tokens of the chunk first
+            self._assign(pick, slots[extra], spare=True)
+            entries[extra] = pick
         if self._device.type != "cpu":
             self._device_table.copy_(self._host_table, non_blocking=True)
         return torch.from_numpy(entries).to(self._device, non_blocking=True)
+
+    def _take(self, n: int, evict_needed: bool) -> np.ndarray:
+        """Up to n rows not used this step: unmapped ones, then spare ones, then (if allowed) needed
+        ones, least recently used first within each class."""
+        cls = np.where(self.slot_of_entry < 0, 0, np.where(self.spare, 1, 2))
+        ok = (self.last_used < self.step) & (cls < (3 if evict_needed else 2))
+        cand = np.flatnonzero(ok)
+        if len(cand) > n:
+            key = cls[cand] * (self.step + 2) + self.last_used[cand] + 1
+            cand = cand[np.argpartition(key, n - 1)[:n]]
+        return cand
+
+    def _assign(self, rows: np.ndarray, slots: np.ndarray, spare: bool) -> None:
+        evicted = self.slot_of_entry[rows]
+        self.entry_of_slot[evicted[evicted >= 0]] = -1
+        self.slot_of_entry[rows] = slots
+        self.entry_of_slot[slots] = rows
+        self.last_used[rows] = self.step
+        self.spare[rows] = spare
