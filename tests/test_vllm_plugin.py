@@ -329,7 +329,10 @@ def test_boundary_layers_through_vllms_skip_layers_flag(models):
 
         out = llm.generate(["w1 w2 w3"], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
     assert dtypes == ["auto", "turboquant3", "turboquant3", "auto"] and len(out[0].outputs[0].token_ids) == 4
-    per_token = 2 * 2 * (2 * 64 * 2) + 2 * 2 * 52  # two bf16 layers + two packed layers, 2 KV heads each
+    # two bf16 layers + two packed layers, 2 KV heads each; a packed layer's pages also hold the
+    # protected-token pool's share (S + W bf16 rows per max_model_len = 1024 tokens)
+    pool = pool_bytes_per_token(PRESETS["turboquant3"].sink, PRESETS["turboquant3"].window, 2, 64, 2, 1024)
+    per_token = 2 * 2 * (2 * 64 * 2) + 2 * (2 * 52 + pool)
     assert tokens == pytest.approx(2 ** 30 / per_token, rel=0.01)
 
 
