@@ -32,6 +32,24 @@ from .common import (DEFAULT_LOOKUP, bucketize, cache_strides, check_protected, 
 
 
 @triton.jit
+def _rotate(x_ptr, mean_ptr, rot_ptr, div, HAS_MEAN: tl.constexpr, HEAD_DIM: tl.constexpr,
+            BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Π (x - μ) / div [BLOCK_D] (fp32) for one head's vector, reading Π BLOCK_C columns at a time."""
+    d = tl.arange(0, BLOCK_D)
+    y = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for c0 in range(0, BLOCK_D, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < HEAD_DIM
+        xc = tl.load(x_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        if HAS_MEAN:
+            xc -= tl.load(mean_ptr + c, mask=c_ok, other=0.0)
+        rot = tl.load(rot_ptr + d[:, None] * HEAD_DIM + c[None, :], mask=(d < HEAD_DIM)[:, None] & c_ok[None, :],
+                      other=0.0)  # [D, C] = Π[:, c]
+        y += tl.sum(rot * (xc / div)[None, :], axis=1)
+    return y
+
+
+@triton.jit
 def _rotate_unit(x_ptr, mean_ptr, rot_ptr, HAS_MEAN: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
     """(y, n): n = ‖x - μ‖ and y = Π (x - μ) / n (zeros when n = 0) for one head's vector."""
@@ -40,18 +58,7 @@ def _rotate_unit(x_ptr, mean_ptr, rot_ptr, HAS_MEAN: tl.constexpr, HEAD_DIM: tl.
     if HAS_MEAN:
         x -= tl.load(mean_ptr + d, mask=d < HEAD_DIM, other=0.0)
     n = tl.sqrt(tl.sum(x * x, axis=0))
-    n_safe = tl.where(n > 0, n, 1.0)
-    y = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for c0 in range(0, BLOCK_D, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = c < HEAD_DIM
-        xc = tl.load(x_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        if HAS_MEAN:
-            xc -= tl.load(mean_ptr + c, mask=c_ok, other=0.0)
-        rot = tl.load(rot_ptr + d[:, None] * HEAD_DIM + c[None, :], mask=(d < HEAD_DIM)[:, None] & c_ok[None, :],
-                      other=0.0)  # [D, C] = Π[:, c]
-        y += tl.sum(rot * (xc / n_safe)[None, :], axis=1)
-    return y, n
+    return _rotate(x_ptr, mean_ptr, rot_ptr, tl.where(n > 0, n, 1.0), HAS_MEAN, HEAD_DIM, BLOCK_D, BLOCK_C), n
 
 
 @triton.jit
@@ -59,16 +66,7 @@ def _store_pool_row(row_ptr, x_ptr, mean_ptr, rot_ptr, HAS_MEAN: tl.constexpr, H
                     BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
     """row = Π (x - μ) (unnormalised, fp32, rounded to the row's dtype) for one head's vector."""
     d = tl.arange(0, BLOCK_D)
-    y = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for c0 in range(0, BLOCK_D, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = c < HEAD_DIM
-        xc = tl.load(x_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        if HAS_MEAN:
-            xc -= tl.load(mean_ptr + c, mask=c_ok, other=0.0)
-        rot = tl.load(rot_ptr + d[:, None] * HEAD_DIM + c[None, :], mask=(d < HEAD_DIM)[:, None] & c_ok[None, :],
-                      other=0.0)  # [D, C] = Π[:, c]
-        y += tl.sum(rot * xc[None, :], axis=1)
+    y = _rotate(x_ptr, mean_ptr, rot_ptr, 1.0, HAS_MEAN, HEAD_DIM, BLOCK_D, BLOCK_C)
     tl.store(row_ptr + d, y.to(row_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
