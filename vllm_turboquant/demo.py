@@ -219,9 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _report_capacity(preset_name: str, tq_tokens: int | None, bf16_tokens: int | None, head_dim: int | None,
-                     space: str) -> None:
+                     space: str, max_model_len: int = 2048) -> None:
     from .layout import slot_layout
     from .memory import bf16_bytes_per_token_head
+    from .presets import get_preset
+    from .protected import pool_bytes_per_token
+    from .settings import load_settings
 
     print(f"\nKV cache capacity with VLLM_CPU_KVCACHE_SPACE={space} GiB, as logged by vLLM on this machine:")
     if bf16_tokens is not None:
@@ -232,8 +235,14 @@ def _report_capacity(preset_name: str, tq_tokens: int | None, bf16_tokens: int |
     if head_dim:
         slot = slot_layout(preset_name, head_dim).slot_bytes
         bf16 = bf16_bytes_per_token_head(head_dim)
+        sink, window = load_settings().protected(get_preset(preset_name))
+        pool = pool_bytes_per_token(sink, window, 1, head_dim, 2, max_model_len)
         print(f"  bytes per token per KV head at head_dim {head_dim}: bf16 {bf16} B (K+V, 2 B each) vs "
               f"{preset_name} {slot} B = {bf16 / slot:.2f}x")
+        if pool:
+            print(f"  + its protected tokens (first {sink} and last {window} of each sequence attended exactly): "
+                  f"{pool:.1f} B of bf16 copies per token at --max-model-len {max_model_len} "
+                  f"= {bf16 / (slot + pool):.2f}x; the share shrinks as --max-model-len grows")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -298,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
             match = base.wait_for_log(KV_LINE, args.timeout)
             bf16_tokens = int(match.group(1).replace(",", ""))
             base.stop()
-        _report_capacity(args.kv_cache_dtype, tq_tokens, bf16_tokens, head_dim, space)
+        _report_capacity(args.kv_cache_dtype, tq_tokens, bf16_tokens, head_dim, space, args.max_model_len)
         return 0
     except DemoError as exc:
         print(f"error: {exc}", file=sys.stderr)
