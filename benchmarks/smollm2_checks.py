@@ -46,14 +46,12 @@ def capacity(model, out):
 
     rows, base, max_len = [], None, 2560
     for spec in ("auto", "fp8", "turboquant4", "turboquant3", "turboquant3 S=W=0", "turboquant2", "turboquant3_qjl"):
-        dtype = spec.split()[0]
-        off = "S=W=0" in spec
-        extra = {"additional_config": {"turboquant": {"sink": 0, "window": 0}}} if off else {}
+        dtype, extra = _spec(spec)
         with _llm(model, dtype, max_model_len=max_len, **extra) as llm:
             tokens = kv_cache_tokens(llm)
         base = base or tokens
         nbytes = 256 if dtype == "auto" else 128 if dtype == "fp8" else slot_layout(dtype, 64).slot_bytes
-        sw = (0, 0) if off or dtype not in PRESETS else (PRESETS[dtype].sink, PRESETS[dtype].window)
+        sw = (0, 0) if extra or dtype not in PRESETS else (PRESETS[dtype].sink, PRESETS[dtype].window)
         pool = pool_bytes_per_token(*sw, 1, 64, 2, max_len)
         rows.append(f"| {spec} | {sw[0]} / {sw[1]} | {nbytes} + {pool:.1f} | {tokens:,} | {tokens / base:.3f}x | "
                     f"{256 / (nbytes + pool):.3f}x |")
@@ -63,6 +61,12 @@ def capacity(model, out):
         "((S + W) x 256 B per max_model_len tokens).\n\n"
         "| kv-cache dtype | S / W | bytes/token/KV head | vLLM's KV cache size (tokens) | vs bf16 | bytes ratio |\n"
         "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
+def _spec(spec):
+    """``"turboquant3 S=W=0"`` -> ("turboquant3", engine kwargs switching protected tokens off)."""
+    off = "S=W=0" in spec
+    return spec.split()[0], ({"additional_config": {"turboquant": {"sink": 0, "window": 0}}} if off else {})
 
 
 def _chat(llm, n_tokens):
@@ -82,8 +86,7 @@ def divergence(model, out):
     answers = []
     # fp8 (vLLM's own 8-bit cache) is the control: how early does any KV perturbation flip greedy tokens?
     for spec in ("fp8", "turboquant4", "turboquant3", "turboquant4 S=W=0", "turboquant3 S=W=0", "turboquant3_qjl"):
-        dtype = spec.split()[0]
-        extra = {"additional_config": {"turboquant": {"sink": 0, "window": 0}}} if "S=W=0" in spec else {}
+        dtype, extra = _spec(spec)
         with _llm(model, dtype, **extra) as llm:
             got = _chat(llm, 128)
         firsts = []

@@ -105,6 +105,15 @@ def protection(protected, num_kv_heads: int, head_dim: int, device: torch.device
     return True
 
 
+def pool_args(protected, dummy: torch.Tensor) -> tuple:
+    """(pool, entry_of_slot, pool strides (row, head, K/V), sink, window) kernel arguments; dummies when None."""
+    if protected is None:
+        return dummy, dummy, 0, 0, 0, 0, 0
+    pool = protected.pool
+    return (pool, protected.entry_of_slot, pool.stride(0), pool.stride(1), pool.stride(2),
+            protected.sink, protected.window)
+
+
 def check_protected(protected, num_kv_heads: int, head_dim: int, device: torch.device) -> None:
     """The pool must be [P, num_kv_heads, 2, head_dim] float (bf16 / fp16 / fp32) with stride 1
     in the last dim, and ``entry_of_slot`` a 1-d int32 / int64 tensor, both on ``device``; ValueError otherwise."""

@@ -45,7 +45,7 @@ import triton.language as tl
 
 from ..presets import Preset
 from .common import (DEFAULT_LOOKUP, attention_setup, dot_precision, load_codes, load_fp16, load_table, lookup,
-                     next_pow2, protection, unrotate_store)
+                     next_pow2, pool_args, protection, unrotate_store)
 from .rotate import rotate_rows
 
 LOG2E = 1.4426950408889634
@@ -209,15 +209,6 @@ def decode_config(head_dim: int) -> dict[str, int]:
     return dict(BLOCK_N=32, num_warps=8)
 
 
-def _pool_args(protected, dummy: torch.Tensor) -> tuple:
-    """(pool, entry_of_slot, pool strides (row, head, K/V), sink, window) kernel arguments; dummies when None."""
-    if protected is None:
-        return dummy, dummy, 0, 0, 0, 0, 0
-    pool = protected.pool
-    return (pool, protected.entry_of_slot, pool.stride(0), pool.stride(1), pool.stride(2),
-            protected.sink, protected.window)
-
-
 def paged_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                  tables, preset: Preset | str, scale: float, sliding_window: int | None = None,
                  num_splits: int | None = None, *, protected=None, out: torch.Tensor | None = None,
@@ -250,7 +241,7 @@ def paged_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Te
     _decode_split_kernel[(B, H, splits)](
         cache, block_table, seq_lens, q_rot, q_proj if q_proj is not None else q_rot, q_mu,
         tables.key_centroids, tables.value_centroids, part_acc, part_max, part_sum,
-        *_pool_args(protected if protect else None, cache),
+        *pool_args(protected if protect else None, cache),
         block_table.stride(0), stride_cb, stride_cs, stride_ch, H, cache.shape[1], scale * LOG2E,
         preset.qjl_coefficient(D),
         sliding_window or 0,

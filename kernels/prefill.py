@@ -37,8 +37,8 @@ import triton.language as tl
 from ..presets import Preset
 from ..protected import exact_rows
 from .common import (DEFAULT_LOOKUP, attention_setup, dot_precision, load_codes, load_fp16, load_table, lookup,
-                     next_pow2, protection, unrotate_store)
-from .decode import LOG2E, _pool_args
+                     next_pow2, pool_args, protection, unrotate_store)
+from .decode import LOG2E
 from .rotate import rotate_rows
 
 
@@ -229,15 +229,15 @@ def prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: 
     query = query if query.stride(-1) == 1 else query.contiguous()
     if protect:  # the chunk's exact rows, rounded to the pool's dtype as the pool holds them
         rows = exact_rows(key, value, tables, protected.pool.dtype) if compressed_chunk else protected.pool
-        pool_args = (*_pool_args(protected, cache), rows, rows.stride(0), rows.stride(1), rows.stride(2))
+        protect_args = (*pool_args(protected, cache), rows, rows.stride(0), rows.stride(1), rows.stride(2))
     else:
-        pool_args = (*_pool_args(None, cache), cache, 0, 0, 0)
+        protect_args = (*pool_args(None, cache), cache, 0, 0, 0)
     cfg = prefill_config(D, G)
     tok = cfg["BLOCK_R"] // G
     _prefill_kernel[(B, H, triton.cdiv(max_query_len, tok))](
         cache, block_table, query_start_loc, seq_lens, query, key, value_rot,
         q_rot, q_proj if q_proj is not None else q_rot, q_mu,
-        tables.key_centroids, tables.value_centroids, tables.value_rotation, out, *pool_args,
+        tables.key_centroids, tables.value_centroids, tables.value_rotation, out, *protect_args,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), out.stride(0), out.stride(1),
         block_table.stride(0), stride_cb, stride_cs, stride_ch, H, cache.shape[1], scale * LOG2E,
         preset.qjl_coefficient(D), sliding_window or 0,

@@ -83,7 +83,8 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from .layout import check_head_dim
-from .packed_attention import PackedLayerMixin, check_packed_layer, packed_spec, protected_group, step_metadata
+from .packed_attention import (PackedLayerMixin, check_packed_layer, packed_spec, protected_group, protected_settings,
+                               step_metadata)
 from .presets import PRESETS
 from .settings import load_settings
 
@@ -239,7 +240,7 @@ class TurboQuantGPUMetadataBuilder(AttentionMetadataBuilder[TurboQuantGPUMetadat
         if load_settings(getattr(vllm_config, "additional_config", None)).ops == "torch":
             return AttentionCGSupport.NEVER
         # Protected tokens plan their exact-copy pool on the host per step (a sync): eager only, for now.
-        if protected_group(vllm_config, kv_cache_spec.block_size) is not None:
+        if sum(protected_settings(vllm_config)):
             return AttentionCGSupport.NEVER
         return cls._cudagraph_support
 

@@ -80,14 +80,24 @@ def packed_spec(spec):
     return spec
 
 
+def protected_settings(vllm_config) -> tuple[int, int]:
+    """(S, W) of a run: its settings, else its preset's defaults; (0, 0) for a non-TurboQuant dtype."""
+    name = vllm_config.cache_config.cache_dtype
+    if name not in PRESETS:
+        return 0, 0
+    return load_settings(getattr(vllm_config, "additional_config", None)).protected(PRESETS[name])
+
+
+def _protected_facts(vllm_config) -> tuple[int, int, int, int]:
+    mc = vllm_config.model_config
+    return (*protected_settings(vllm_config), mc.dtype.itemsize, int(mc.max_model_len))
+
+
 def run_protected() -> tuple[int, int, int, int]:
     """(S, W, model dtype bytes, max_model_len) of this engine's packed layers."""
     cfg = current_vllm_config()
     if cfg is not None and cfg.cache_config is not None and cfg.cache_config.cache_dtype in PRESETS:
-        preset = PRESETS[cfg.cache_config.cache_dtype]
-        settings = load_settings(getattr(cfg, "additional_config", None))
-        mc = cfg.model_config
-        return (*settings.protected(preset), mc.dtype.itemsize, int(mc.max_model_len))
+        return _protected_facts(cfg)
     if _LAST_PROTECTED:
         return _LAST_PROTECTED[-1]
     raise RuntimeError("vllm-turboquant: cannot tell the protected-token settings of this engine")
@@ -127,10 +137,7 @@ def step_metadata(layer_name: str):
 
 def protected_group(vllm_config, block_size: int) -> ProtectedGroup | None:
     """The builder's ProtectedGroup for a packed run with S + W > 0, else None."""
-    name = vllm_config.cache_config.cache_dtype
-    if name not in PRESETS:
-        return None
-    sink, window = load_settings(getattr(vllm_config, "additional_config", None)).protected(PRESETS[name])
+    sink, window = protected_settings(vllm_config)
     if sink + window == 0:
         return None
     return ProtectedGroup(sink, window, int(vllm_config.model_config.max_model_len), block_size)
@@ -221,10 +228,8 @@ class PackedLayerMixin:
         self._tables: LayerTables | None = None
         self._ops = None
         self._pool: torch.Tensor | None = None
-        self.sink, self.protect_window = self.settings.protected(preset)
         _LAST_PRESET[:] = [preset.name]
-        _LAST_PROTECTED[:] = [(self.sink, self.protect_window, cfg.model_config.dtype.itemsize,
-                               int(cfg.model_config.max_model_len))]
+        _LAST_PROTECTED[:] = [_protected_facts(cfg)]
 
     def _kv_head_range(self) -> tuple[int, int]:
         """This worker's slice of the global KV heads (replicated when TP > KV heads)."""

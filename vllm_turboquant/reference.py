@@ -152,12 +152,18 @@ def gather_slots(cache: torch.Tensor, block_table: torch.Tensor, length: int) ->
     return cache[blocks, pos % block_size]
 
 
+def _slot_index(block_table: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Flat cache slots (block * block_size + offset) of positions pos: (n,) for every sequence,
+    or (B, n) one row per sequence. Returns (B, n) int64."""
+    blocks = block_table[:, pos // block_size] if pos.dim() == 1 else torch.gather(block_table, 1, pos // block_size)
+    return blocks.long() * block_size + pos % block_size
+
+
 def _exact_at(protected: ProtectedTokens, block_table: torch.Tensor, block_size: int, length: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact copies of positions [0, length) of every sequence: has-copy (B, length) bool and the
     rotated rows (B, length, H, 2, d) in ACC (zeros where there is no copy)."""
-    pos = torch.arange(length, device=block_table.device)
-    slot = block_table[:, pos // block_size].long() * block_size + pos % block_size
+    slot = _slot_index(block_table, torch.arange(length, device=block_table.device), block_size)
     entry = protected.entry_of_slot.long()[slot]
     has = entry >= 0
     return has, torch.where(has[..., None, None, None], protected.pool[entry.clamp_min(0)].to(ACC), 0.0)
@@ -175,8 +181,7 @@ def _decode_exact(protected: ProtectedTokens, block_table: torch.Tensor, block_s
     pos = torch.where(sink_part, cand, lens + cand)  # (B, S + W)
     ok = (pos >= 0) & (pos < lens) & (sink_part | (pos >= S))  # window positions < S are sink ones
     pos = torch.where(ok, pos, 0)
-    slot = torch.gather(block_table.long(), 1, pos // block_size) * block_size + pos % block_size
-    entry = protected.entry_of_slot.long()[slot]
+    entry = protected.entry_of_slot.long()[_slot_index(block_table.long(), pos, block_size)]
     ok &= entry >= 0
     b_idx, j = torch.nonzero(ok, as_tuple=True)
     return b_idx, pos[b_idx, j], protected.pool[entry[b_idx, j]].to(ACC)
