@@ -151,32 +151,45 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return codes.reshape(*packed.shape[:-1], n)
 
 
-def _word_table(values: torch.Tensor, bits: int, word_bits: int) -> torch.Tensor:
-    """(H, 2**word_bits, word_bits/bits): the values of every code packed in every possible word."""
+def _word_bits(bits: int) -> int:
+    """Bits of the words ``unpack_lookup`` reads: a byte for 1, 2 and 4 bits, 12 bits (4 codes) for 3 bits."""
+    if bits == 3:
+        return 12
+    if bits in (1, 2, 4):
+        return 8
+    raise ValueError(f"unpack_lookup handles 1-4 bit codes, got {bits}")
+
+
+def word_table(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """The table ``unpack_lookup`` gathers from: row (h << word_bits) + w holds the values (under
+    per-head values (H, 2**bits)) of the codes packed in word w. Build it once to reuse it."""
+    word_bits = _word_bits(bits)
     per = word_bits // bits
     words = torch.arange(2 ** word_bits, device=values.device)
     codes = (words[:, None] >> (torch.arange(per, device=values.device) * bits)) & ((1 << bits) - 1)
-    return values[:, codes]
+    return values[:, codes].reshape(values.shape[0] << word_bits, per)
 
 
-def unpack_lookup(packed: torch.Tensor, bits: int, n: int, values: torch.Tensor) -> torch.Tensor:
+def unpack_lookup(packed: torch.Tensor, bits: int, n: int, values: torch.Tensor | None,
+                  head_axis: int = -2, table: torch.Tensor | None = None) -> torch.Tensor:
     """Decode packed codes straight to per-head table values: the same result as
     ``values[h, unpack_bits(packed, bits, n)]``, in one gather instead of bit arithmetic per code.
 
-    packed: uint8 (..., H, n*bits/8); values: (H, 2**bits). Returns (..., H, n) in values' dtype.
-    Codes are read a word at a time: a byte for 1, 2 and 4 bits, 12 bits (4 codes) for 3 bits.
+    packed: uint8 (..., H, n*bits/8), or with the head axis at ``head_axis`` (e.g. -3 for
+    head-major (..., H, L, n*bits/8)); values: (H, 2**bits), or None with ``table`` =
+    ``word_table(values, bits)`` prebuilt. Returns (..., n) in the values' dtype, heads where they were.
     """
-    H = values.shape[0]
-    if bits == 3:
+    word_bits = _word_bits(bits)
+    if table is None:
+        table = word_table(values, bits)
+    if bits == 3:  # 3 bytes = 8 codes = two 12-bit words
         b = packed.reshape(*packed.shape[:-1], -1, 3).to(torch.int32)
-        words = torch.stack([b[..., 0] | (b[..., 1] & 0xF) << 8, b[..., 1] >> 4 | b[..., 2] << 4], -1).flatten(-2)
-        word_bits = 12
-    elif bits in (1, 2, 4):
-        words, word_bits = packed.to(torch.int32), 8
+        x = b[..., 0] | b[..., 1] << 8 | b[..., 2] << 16
+        words = torch.stack([x & 0xFFF, x >> 12], -1).flatten(-2)
     else:
-        raise ValueError(f"unpack_lookup handles 1-4 bit codes, got {bits}")
-    table = _word_table(values, bits, word_bits).reshape(H << word_bits, -1)
-    head = (torch.arange(H, device=packed.device, dtype=torch.int32) << word_bits).unsqueeze(-1)
+        words = packed.to(torch.int32)
+    H = table.shape[0] >> word_bits
+    head = (torch.arange(H, device=packed.device, dtype=torch.int32) << word_bits).reshape(H, *[1] * (-head_axis - 1))
     return table.index_select(0, (words + head).flatten()).reshape(*packed.shape[:-1], n)
 
 

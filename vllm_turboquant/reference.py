@@ -25,9 +25,13 @@ already changes what is read) uses torch's fused float32 attention instead.
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
+
 import torch
 
-from .layout import SlotFields, pack_slots, read_fp16, slot_layout, unpack_lookup, unpack_slots
+from .layout import (SlotFields, SlotLayout, pack_slots, read_fp16, slot_layout, unpack_lookup, unpack_slots,
+                     word_table)
 from .presets import Preset, get_preset
 from .protected import ProtectedTokens, exact_rows, protected_mask, write_pool
 from .registry import LayerTables
@@ -140,16 +144,44 @@ def dequantize(fields: SlotFields, tables: LayerTables, preset: Preset | str) ->
     return k, v
 
 
-def _in_acc(tables: LayerTables) -> LayerTables:
-    return LayerTables(**{f: getattr(tables, f).to(ACC) for f in LayerTables.__dataclass_fields__})
+class _AccTables:
+    """A layer's tables in ACC, with the word tables ``unpack_lookup`` gathers codes from."""
+
+    def __init__(self, tables: LayerTables):
+        self.tables = LayerTables(**{f: getattr(tables, f).to(ACC) for f in LayerTables.__dataclass_fields__})
+        self._words: dict[tuple[str, int], torch.Tensor] = {}
+
+    def words(self, name: str, bits: int) -> torch.Tensor:
+        """``word_table`` of the key or value centroids (name), or of the ±1 sign values ("signs")."""
+        if (name, bits) not in self._words:
+            values = (_SIGN_VALUES.to(self.tables.qjl.device).expand(self.tables.num_heads, 2) if name == "signs"
+                      else getattr(self.tables, f"{name}_centroids"))
+            self._words[name, bits] = word_table(values, bits)
+        return self._words[name, bits]
+
+
+_ACC_TABLES: dict[int, tuple[weakref.ref, tuple[int, ...], _AccTables]] = {}
+
+
+def _in_acc(tables: LayerTables) -> _AccTables:
+    """tables in ACC, converted once per LayerTables object (again if a tensor of it is modified)."""
+    key = id(tables)
+    # inference tensors (vLLM builds tables in inference mode) have no version counter
+    versions = tuple(-1 if x.is_inference() else x._version
+                     for x in (getattr(tables, f) for f in LayerTables.__dataclass_fields__))
+    hit = _ACC_TABLES.get(key)
+    if hit is None or hit[0]() is not tables or hit[1] != versions:
+        ref = weakref.ref(tables, lambda _, key=key: _ACC_TABLES.pop(key, None))
+        hit = _ACC_TABLES[key] = (ref, versions, _AccTables(tables))
+    return hit[2]
 
 
 def gather_slots(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """Slots of positions [0, length) of every sequence: (B, length, H, slot_bytes)."""
-    block_size = cache.shape[1]
-    pos = torch.arange(length, device=cache.device)
-    blocks = block_table[:, pos // block_size].long()  # (B, length)
-    return cache[blocks, pos % block_size]
+    B = block_table.shape[0]
+    _, block_size, H, nbytes = cache.shape
+    n = -(-length // block_size)
+    return cache[block_table[:, :n].long()].reshape(B, n * block_size, H, nbytes)[:, :length]
 
 
 def _slot_index(block_table: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -159,14 +191,18 @@ def _slot_index(block_table: torch.Tensor, pos: torch.Tensor, block_size: int) -
     return blocks.long() * block_size + pos % block_size
 
 
-def _exact_at(protected: ProtectedTokens, block_table: torch.Tensor, block_size: int, length: int
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact copies of positions [0, length) of every sequence: has-copy (B, length) bool and the
-    rotated rows (B, length, H, 2, d) in ACC (zeros where there is no copy)."""
-    slot = _slot_index(block_table, torch.arange(length, device=block_table.device), block_size)
-    entry = protected.entry_of_slot.long()[slot]
+def _prefix_copies(protected: ProtectedTokens, block_table: torch.Tensor, block_size: int, ctx: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact copies a chunk starting at position ctx may read from its prefix (one sequence,
+    block_table (1, max_blocks)): the sink and the first query's window, where they have copies.
+    Returns their positions (n,) and rows (n, H, 2, d) in ACC."""
+    S, W = protected.sink, protected.window
+    dev = block_table.device
+    window_start = min(max(S, ctx - W + 1), ctx)
+    pos = torch.cat([torch.arange(min(S, ctx), device=dev), torch.arange(window_start, ctx, device=dev)])
+    entry = protected.entry_of_slot.long()[_slot_index(block_table, pos, block_size)[0]]
     has = entry >= 0
-    return has, torch.where(has[..., None, None, None], protected.pool[entry.clamp_min(0)].to(ACC), 0.0)
+    return pos[has], protected.pool[entry[has]].to(ACC)
 
 
 def _decode_exact(protected: ProtectedTokens, block_table: torch.Tensor, block_size: int, seq_lens: torch.Tensor
@@ -205,6 +241,89 @@ def _softmax(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     return e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
 
 
+@dataclass
+class _Tokens:
+    """What attention reads of L cached tokens, head-major (..., H, L[, d or m]), in ACC: the key and
+    value codes as centroid values (the rotated spaces), the norms, and the QJL signs (+-1) and γ
+    (None without a sketch)."""
+
+    key: torch.Tensor
+    key_norm: torch.Tensor
+    signs: torch.Tensor | None
+    gamma: torch.Tensor | None
+    value: torch.Tensor
+    value_norm: torch.Tensor
+
+    def put_exact(self, batch: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor) -> None:
+        """Read the tokens at (sequence, position) = (batch, pos) (n,) from exact rotated rows
+        (n, H, 2, d) instead: norm 1, no QJL term."""
+        at = (batch, slice(None), pos)
+        self.key[at], self.value[at] = rows[:, :, 0].to(ACC), rows[:, :, 1].to(ACC)
+        self.key_norm[at] = self.value_norm[at] = 1.0
+        if self.gamma is not None:
+            self.gamma[at] = 0.0
+
+    def first(self, n: int) -> "_Tokens":
+        """The first n tokens (views)."""
+        return _Tokens(self.key[..., :n, :], self.key_norm[..., :n],
+                       None if self.signs is None else self.signs[..., :n, :],
+                       None if self.gamma is None else self.gamma[..., :n],
+                       self.value[..., :n, :], self.value_norm[..., :n])
+
+
+def _read_tokens(slots: torch.Tensor, lay: SlotLayout, acc: _AccTables) -> _Tokens:
+    """Decode head-major slots (..., H, L, slot_bytes): codes straight to centroid values (a table
+    gather per packed word), fp16 fields to ACC."""
+    def codes(name: str, offset: int, nbytes: int, bits: int, n: int) -> torch.Tensor:
+        return unpack_lookup(slots[..., offset:offset + nbytes], bits, n, None, head_axis=-3,
+                             table=acc.words(name, bits))
+
+    signs = gamma = None
+    if lay.has_qjl:
+        signs = codes("signs", lay.key_signs, lay.sign_bytes, 1, lay.qjl_dim)
+        gamma = read_fp16(slots, lay.key_gamma).to(ACC)
+    return _Tokens(key=codes("key", lay.key_codes, lay.key_code_bytes, lay.key_bits, lay.head_dim),
+                   key_norm=read_fp16(slots, lay.key_norm).to(ACC), signs=signs, gamma=gamma,
+                   value=codes("value", lay.value_codes, lay.value_code_bytes, lay.value_bits, lay.head_dim),
+                   value_norm=read_fp16(slots, lay.value_norm).to(ACC))
+
+
+def _scores(q_rot: torch.Tensor, tok: _Tokens, t: LayerTables, coef: float) -> torch.Tensor:
+    """Scores (..., H, M, L) of rotated queries Π q (..., H, M, d) against tokens (..., H, L, ...):
+    n (⟨Π q, ŷ⟩ + coef γ ⟨S Π q, s⟩). The estimate's ⟨q, μ⟩ term is the same for every key of a
+    query (exact copies included), so softmax cancels it: attention leaves it out."""
+    scores = q_rot @ tok.key.transpose(-1, -2)
+    if tok.signs is not None:
+        q_proj = torch.einsum("...hme,hke->...hmk", q_rot, t.qjl)
+        scores = scores + coef * tok.gamma.unsqueeze(-2) * (q_proj @ tok.signs.transpose(-1, -2))
+    return scores * tok.key_norm.unsqueeze(-2)
+
+
+def _attend(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]], scale: float
+            ) -> torch.Tensor:
+    """Σ_j p_j w_j v_j over the columns j of all parts, p = softmax over the visible columns of
+    scale * scores; parts: (scores (..., M, n), visible (broadcasts to scores), values (..., n, d),
+    weights w (..., 1, n) or None for 1). Rows with nothing visible give zeros. Overwrites the scores."""
+    peak = None
+    for scores, visible, _, _ in parts:
+        scores.mul_(scale).masked_fill_(~visible, float("-inf"))
+        if scores.shape[-1]:
+            top = scores.amax(-1, keepdim=True)
+            peak = top if peak is None else torch.maximum(peak, top)
+    out = total = 0.0
+    for scores, _, values, weights in parts:
+        if peak is not None:
+            scores.sub_(peak.clamp_min(torch.finfo(ACC).min)).exp_()
+        total = total + scores.sum(-1, keepdim=True)
+        out = out + (scores if weights is None else scores * weights) @ values
+    return out / total.clamp_min(torch.finfo(ACC).tiny)
+
+
+def _unrotate(acc: torch.Tensor, t: LayerTables) -> torch.Tensor:
+    """Π_vᵀ of value sums accumulated in the rotated space (..., H, M, d)."""
+    return torch.einsum("...hme,hed->...hmd", acc, t.value_rotation)
+
+
 def paged_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                  tables: LayerTables, preset: Preset | str, scale: float,
                  sliding_window: int | None = None, protected: ProtectedTokens | None = None) -> torch.Tensor:
@@ -219,50 +338,22 @@ def paged_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Te
     """
     preset = get_preset(preset)
     B, Hq, d = query.shape
-    H = tables.num_heads
-    lay = slot_layout(preset, d)
+    acc = _in_acc(tables)
+    t = acc.tables
+    H = t.num_heads
     L = int(seq_lens.max()) if B else 0
-    slots = gather_slots(cache, block_table, L)  # (B, L, H, slot_bytes)
-    # Codes are decoded straight to centroid values (a table gather per packed word).
-    t = _in_acc(tables)
-    y = unpack_lookup(slots[..., lay.key_codes:lay.key_codes + lay.key_code_bytes], lay.key_bits, d,
-                      t.key_centroids)
-
-    k_pos = torch.arange(L, device=query.device)
-    key_norm = read_fp16(slots, lay.key_norm).to(ACC)  # (B, L, H)
-    value_norm = read_fp16(slots, lay.value_norm).to(ACC)
-    yv = unpack_lookup(slots[..., lay.value_codes:lay.value_codes + lay.value_code_bytes], lay.value_bits, d,
-                       t.value_centroids)
-    exact_at = None
+    tok = _read_tokens(gather_slots(cache, block_table, L).transpose(1, 2), slot_layout(preset, d), acc)
     if protected is not None and protected.sink + protected.window > 0 and L:
         # only the (at most S + W) protected positions of each sequence are touched
         b_idx, p_idx, rows = _decode_exact(protected, block_table, cache.shape[1], seq_lens)
-        exact_at = (b_idx, p_idx)
-        y[exact_at], yv[exact_at] = rows[:, :, 0], rows[:, :, 1]
-        key_norm[exact_at], value_norm[exact_at] = 1.0, 1.0
+        tok.put_exact(b_idx, p_idx, rows)
 
-    q = query.to(ACC).reshape(B, H, Hq // H, d)
-    q_rot = torch.einsum("bhgd,hed->bhge", q, t.key_rotation)
-    scores = torch.einsum("bhge,blhe->bhgl", q_rot, y)
-    if lay.has_qjl:
-        signs = unpack_lookup(slots[..., lay.key_signs:lay.key_signs + lay.sign_bytes], 1, lay.qjl_dim,
-                              _SIGN_VALUES.to(q.device).expand(H, 2))
-        q_proj = torch.einsum("bhge,hme->bhgm", q_rot, t.qjl)
-        sketch = torch.einsum("bhgm,blhm->bhgl", q_proj, signs)
-        gamma = read_fp16(slots, lay.key_gamma).to(ACC)
-        if exact_at is not None:
-            gamma[exact_at] = 0.0
-        scores = scores + preset.qjl_coefficient(d) * gamma.permute(0, 2, 1).unsqueeze(2) * sketch
-    scores = scores * key_norm.permute(0, 2, 1).unsqueeze(2)
-    scores = scores + torch.einsum("bhgd,hd->bhg", q, t.key_mean).unsqueeze(-1)
-
+    q_rot = torch.einsum("bhgd,hed->bhge", query.to(ACC).reshape(B, H, Hq // H, d), t.key_rotation)
+    scores = _scores(q_rot, tok, t, preset.qjl_coefficient(d))  # (B, H, G, L)
+    k_pos = torch.arange(L, device=query.device)
     visible = (k_pos < seq_lens.unsqueeze(-1)) & _visible(seq_lens.unsqueeze(-1) - 1, k_pos, sliding_window)
-    p = _softmax(scores * scale, visible[:, None, None, :])
-
-    weights = p * value_norm.permute(0, 2, 1).unsqueeze(2)
-    acc = torch.einsum("bhgl,blhe->bhge", weights, yv)
-    out = torch.einsum("bhge,hed->bhgd", acc, t.value_rotation)
-    return out.reshape(B, Hq, d).float()
+    out = _attend([(scores, visible[:, None, None, :], tok.value, tok.value_norm.unsqueeze(-2))], scale)
+    return _unrotate(out, t).reshape(B, Hq, d).float()
 
 
 def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
@@ -302,6 +393,10 @@ def fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return out.transpose(0, 1).nan_to_num(0.0)  # rows with nothing visible give zeros
 
 
+#: Prefill queries per block: a block scores only the keys its queries can see.
+QUERY_BLOCK = 256
+
+
 def prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor,
             block_table: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
             tables: LayerTables, preset: Preset | str, scale: float, sliding_window: int | None = None,
@@ -316,39 +411,76 @@ def prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: 
     a protected prefix key with an exact copy is read from it, and with ``compressed_chunk``
     a protected chunk key from its own exact row (``protected.exact_rows``, what the pool
     holds). Returns (T, Hq, d).
+
+    Reading the slots, this is decode's computation for a block of queries at a time: rotated
+    queries score against centroid values, values are summed in the rotated space. An exact copy
+    is an extra key column, read by the queries that protect it; the slot's column is masked
+    for them.
     """
     preset = get_preset(preset)
-    layout = slot_layout(preset, query.shape[-1])
+    T, Hq, d = query.shape
+    layout = slot_layout(preset, d)
     out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
     guard = protected is not None and protected.sink + protected.window > 0
-    t = _in_acc(tables)
+    acc = _in_acc(tables)
+    t = acc.tables
+    H, G = t.num_heads, Hq // t.num_heads
+    coef = preset.qjl_coefficient(d)
+    dev = query.device
+    q_rot = chunk_rows = None
     for b in range(len(seq_lens)):
         start, stop, L = int(query_start_loc[b]), int(query_start_loc[b + 1]), int(seq_lens[b])
         if stop == start:
             continue
         ctx = L - (stop - start)
-        q_pos = torch.arange(ctx, L, device=query.device)
-        if not compressed_chunk and (ctx == 0 or not guard):
-            fields = unpack_slots(gather_slots(cache, block_table[b:b + 1], L)[0], layout)
-            k, v = dequantize(fields, tables, preset)
-            k[ctx:], v[ctx:] = key[start:stop].float(), value[start:stop].float()
-            out[start:stop] = fused_attention(query[start:stop], k, v, scale, q_pos, sliding_window)
+        if not compressed_chunk and (ctx == 0 or not guard):  # vLLM's usual semantics, torch's fused kernel
+            k, v = key[start:stop].float(), value[start:stop].float()
+            if ctx:
+                k0, v0 = dequantize(unpack_slots(gather_slots(cache, block_table[b:b + 1], ctx)[0], layout),
+                                    tables, preset)
+                k, v = torch.cat([k0, k]), torch.cat([v0, v])
+            out[start:stop] = fused_attention(query[start:stop], k, v, scale, torch.arange(ctx, L, device=dev),
+                                              sliding_window)
             continue
-        fields = unpack_slots(gather_slots(cache, block_table[b:b + 1], L)[0], layout)
-        k, v = dequantize(fields, t, preset)
-        exact = None
-        if not compressed_chunk:
-            k[ctx:], v[ctx:] = key[start:stop].to(ACC), value[start:stop].to(ACC)
-        if guard:
-            has, rows = _exact_at(protected, block_table[b:b + 1], cache.shape[1], L)
-            has, rows = has[0], rows[0]
-            has[ctx:] = compressed_chunk  # the chunk's exact rows are in hand
+        if q_rot is None:  # every query of the batch rotated once: (H, T * G, d), row t * G + g
+            q = query.to(ACC).reshape(T, H, G, d).transpose(0, 1).reshape(H, T * G, d)
+            q_rot = torch.einsum("hmd,hed->hme", q, t.key_rotation)
+            if guard or not compressed_chunk:
+                chunk_rows = exact_rows(key, value, tables, protected.pool.dtype if compressed_chunk else ACC)
+        tok = _read_tokens(gather_slots(cache, block_table[b:b + 1], L).transpose(1, 2), layout, acc)  # (1, H, L, .)
+        if not compressed_chunk:  # the chunk's own K/V, exactly (as rotated rows)
+            tok.put_exact(torch.zeros(L - ctx, dtype=torch.long, device=dev), torch.arange(ctx, L, device=dev),
+                          chunk_rows[start:stop])
+        if guard:  # the exact copies its queries may read, and which positions have one
+            pos, rows = _prefix_copies(protected, block_table[b:b + 1], cache.shape[1], ctx)
             if compressed_chunk:
-                rows[ctx:] = exact_rows(key[start:stop], value[start:stop], tables, protected.pool.dtype).to(ACC)
-            k_pos = torch.arange(L, device=query.device)
-            use = has & protected_mask(q_pos.unsqueeze(-1), k_pos, protected.sink, protected.window)
-            k_exact = torch.einsum("lhe,hed->lhd", rows[:, :, 0], t.key_rotation) + t.key_mean
-            v_exact = torch.einsum("lhe,hed->lhd", rows[:, :, 1], t.value_rotation)
-            exact = (k_exact, v_exact, use)
-        out[start:stop] = dense_attention(query[start:stop], k, v, scale, q_pos, sliding_window, exact)
+                pos = torch.cat([pos, torch.arange(ctx, L, device=dev)])
+                rows = torch.cat([rows, chunk_rows[start:stop].to(ACC)])
+            has = torch.zeros(L, dtype=torch.bool, device=dev)
+            has[pos] = True
+        for lo in range(ctx, L, QUERY_BLOCK):  # queries at positions [lo, hi)
+            hi = min(lo + QUERY_BLOCK, L)
+            q_pos = torch.arange(lo, hi, device=dev).unsqueeze(-1)
+            rows_q = slice((start + lo - ctx) * G, (start + hi - ctx) * G)
+            qr = q_rot[None, :, rows_q]  # (1, H, n * G, d)
+            n_slots = hi  # slot columns: the keys some query of the block may read from its slot
+            parts = []
+            if guard:
+                S, W = protected.sink, protected.window
+                if bool(has[max(hi - W, 0):hi].all()):
+                    n_slots = max(hi - W, 0)  # every query of the block reads these keys exactly
+                sel = (pos < S) | ((pos > lo - W) & (pos < hi))
+                e_pos, e_rows = pos[sel], rows[sel].transpose(0, 1).unsqueeze(0)  # (1, H, copies, 2, d)
+                use = protected_mask(q_pos, e_pos, S, W) & _visible(q_pos, e_pos, sliding_window)
+                parts.append((qr @ e_rows[..., 0, :].transpose(-1, -2), use.repeat_interleave(G, 0),
+                              e_rows[..., 1, :], None))
+            k_pos = torch.arange(n_slots, device=dev)
+            read = _visible(q_pos, k_pos, sliding_window)
+            if guard:
+                read &= ~(has[:n_slots] & protected_mask(q_pos, k_pos, S, W))
+            slots = tok.first(n_slots)
+            parts.append((_scores(qr, slots, t, coef), read.repeat_interleave(G, 0), slots.value,
+                          slots.value_norm.unsqueeze(-2)))
+            o = _unrotate(_attend(parts, scale), t)  # (1, H, n * G, d)
+            out[start + lo - ctx:start + hi - ctx] = o.reshape(H, hi - lo, G, d).transpose(0, 1).reshape(-1, Hq, d)
     return out
