@@ -30,18 +30,21 @@ def cmd_presets(args: argparse.Namespace) -> None:
     bf16 = bf16_bytes_per_token_head(d)
     print(f"TurboQuant presets at head_dim {d} (bf16 K+V: {bf16} bytes per token per KV head)")
     header = (f"{'preset':<18}{'key bits':>9}{'QJL m':>7}{'λ':>9}{'value bits':>11}{'bytes':>7}{'pad':>5}{'vs bf16':>9}"
-              f"{'sink':>6}{'window':>8}  description")
+              f"{'sink':>6}{'window':>8}{'calib':>7}  description")
     print(header)
     print("-" * len(header))
     for p in PRESETS.values():
         lay = slot_layout(p, d)
         lam = f"{p.qjl_lambda(d):.3f}" if lay.has_qjl else "-"
         print(f"{p.name:<18}{p.key_bits:>9}{lay.qjl_dim:>7}{lam:>9}{p.value_bits:>11}{lay.payload_bytes:>7}"
-              f"{lay.pad_bytes:>5}{bf16 / lay.slot_bytes:>8.2f}x{p.sink:>6}{p.window:>8}  {p.description}")
+              f"{lay.pad_bytes:>5}{bf16 / lay.slot_bytes:>8.2f}x{p.sink:>6}{p.window:>8}"
+              f"{'auto' if p.auto_calibrate else '-':>7}  {p.description}")
     print("bytes: codes + fp16 norms (+ QJL signs and γ) per token per KV head, K and V; "
           "pad: alignment bytes added to each slot")
     print("sink / window: protected tokens attended exactly (the first S and the W most recent of each sequence); "
           "their bf16 copies add (S + W) x bf16 bytes per max_model_len tokens")
+    print("calib: auto = codebooks and key means fitted to the model at its first start and cached "
+          "(calibration=none turns it off); - = data-oblivious (the paper's algorithm)")
 
 
 def cmd_memory(args: argparse.Namespace) -> None:

@@ -176,14 +176,18 @@ def fit_codebook(samples: torch.Tensor, init_centroids: torch.Tensor, iters: int
     x = samples.reshape(1, -1) if single else samples.reshape(samples.shape[0], -1)
     if x.shape[1] > max_samples:
         x = x[:, torch.linspace(0, x.shape[1] - 1, max_samples).long()]
-    x = x.to(torch.float64).contiguous()
+    # Sorted samples and their prefix sums turn each iteration's cell sums and counts into
+    # K - 1 binary searches per row instead of one per sample.
+    x = x.to(torch.float64).sort(dim=1).values.contiguous()
+    prefix = torch.nn.functional.pad(x.cumsum(1), (1, 0))  # (G, N + 1)
+    n = torch.full((x.shape[0], 1), x.shape[1], dtype=torch.long)
     c = init_centroids.reshape(x.shape[0], -1).to(torch.float64).clone()
-    ones = torch.ones_like(x)
     for _ in range(iters):
         b = ((c[:, 1:] + c[:, :-1]) / 2).contiguous()
-        idx = torch.searchsorted(b, x)
-        sums = torch.zeros_like(c).scatter_add_(1, idx, x)
-        counts = torch.zeros_like(c).scatter_add_(1, idx, ones)
+        # cell j holds b[j-1] < x <= b[j] (as searchsorted(b, x) assigns them)
+        edges = torch.cat([torch.zeros_like(n), torch.searchsorted(x, b, right=True), n], 1)  # (G, K + 1)
+        counts = (edges[:, 1:] - edges[:, :-1]).to(torch.float64)
+        sums = prefix.gather(1, edges[:, 1:]) - prefix.gather(1, edges[:, :-1])
         new = torch.where(counts > 0, sums / counts.clamp_min(1), c).sort(dim=1).values
         done = torch.allclose(new, c, rtol=0, atol=1e-10)
         c = new

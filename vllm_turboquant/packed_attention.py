@@ -180,16 +180,19 @@ def model_facts(vllm_config) -> dict[str, Any]:
                 total_kv_heads=int(mc.get_total_num_kv_heads()), tp_rank=tp[0], tp_size=tp[1])
 
 
-def shared_registry(preset: Preset, head_dim: int, facts: dict[str, Any], settings: Settings) -> CodebookRegistry:
+def shared_registry(preset: Preset, head_dim: int, facts: dict[str, Any], settings: Settings,
+                    calibration: str | None = None) -> CodebookRegistry:
     """One registry per (model, preset, head_dim, seed, calibration file) per process.
 
-    A calibration file is loaded and checked against the model here, at engine start."""
+    ``calibration``: the file to load (``Settings.calibration_file``: with ``calibration = "auto"``
+    it is made first if the preset asks for one and none is cached); it is checked against the
+    model here, at engine start. None: the data-oblivious registry."""
     key = (facts["model"], preset.name, head_dim, facts["num_layers"], facts["total_kv_heads"], settings.seed,
-           settings.calibration)
+           calibration)
     with _LOCK:
         if key not in _REGISTRIES:
-            if settings.calibration:
-                reg = load_registry(settings.calibration, preset=preset.name, head_dim=head_dim,
+            if calibration:
+                reg = load_registry(calibration, preset=preset.name, head_dim=head_dim,
                                     num_layers=facts["num_layers"], num_kv_heads=facts["total_kv_heads"])
             else:
                 reg = CodebookRegistry.default(preset, head_dim, facts["num_layers"], facts["total_kv_heads"],
@@ -222,7 +225,8 @@ class PackedLayerMixin:
         self.preset = preset
         self.settings = load_settings(getattr(cfg, "additional_config", None))
         self.facts = model_facts(cfg)
-        self.registry = shared_registry(preset, head_size, self.facts, self.settings)
+        self.calibration = self.settings.calibration_file(self.facts["model"], preset)
+        self.registry = shared_registry(preset, head_size, self.facts, self.settings, self.calibration)
         self.window = sliding_window if sliding_window and sliding_window > 0 else None
         self.layer_index: int | None = None
         self._tables: LayerTables | None = None
@@ -247,8 +251,9 @@ class PackedLayerMixin:
             self._ops = ops_module(self.settings, device)
             if self.layer_index == 0:
                 logger.info("vllm-turboquant: %s attention on %s (%s ops, slot %d B/token/KV head, "
-                            "compressed_prefill=%s)", self.preset.name, device, self._ops.__name__.rsplit(".", 1)[-1],
-                            slot_layout(self.preset, self.head_size).slot_bytes, self.settings.compressed_prefill)
+                            "compressed_prefill=%s, calibration=%s)", self.preset.name, device,
+                            self._ops.__name__.rsplit(".", 1)[-1], slot_layout(self.preset, self.head_size).slot_bytes,
+                            self.settings.compressed_prefill, self.calibration or "none")
         return self._tables
 
     def _protected(self, meta, kv_cache: torch.Tensor, dtype: torch.dtype

@@ -28,6 +28,8 @@ class Preset:
     sink / window: protected tokens (``protected.py``): the first ``sink`` and the
         ``window`` most recent tokens of a sequence are attended exactly. Defaults;
         the run's settings may override them. 0 / 0 is plain TurboQuant.
+    auto_calibrate: with the default ``calibration = "auto"`` setting, fit per-head codebooks
+        and key means to the model once, at its first engine start (``calibrate.py``).
     """
 
     name: str
@@ -38,6 +40,7 @@ class Preset:
     center_keys: bool = False
     sink: int = 0
     window: int = 0
+    auto_calibrate: bool = False
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -91,10 +94,14 @@ def _row(name: str, key_bits: int, value_bits: int, **kw) -> tuple[str, Preset]:
 PRESETS: dict[str, Preset] = dict(
     [
         # Recommended settings: Lloyd-Max codes for keys and values; the first 4 tokens and the
-        # 64 (2-bit: 128) most recent ones attended exactly (README: "Protected tokens").
-        _row("turboquant4", 4, 4, sink=4, window=64, description="4-bit Lloyd-Max keys and values"),
-        _row("turboquant3", 3, 3, sink=4, window=64, description="3-bit Lloyd-Max keys and values"),
-        _row("turboquant2", 2, 2, sink=4, window=128, description="2-bit Lloyd-Max keys and values"),
+        # 64 (2-bit: 128) most recent ones attended exactly (README: "Protected tokens"); codebooks
+        # and key means calibrated to the model at its first start (README: "Calibration").
+        _row("turboquant4", 4, 4, sink=4, window=64, auto_calibrate=True,
+             description="4-bit Lloyd-Max keys and values"),
+        _row("turboquant3", 3, 3, sink=4, window=64, auto_calibrate=True,
+             description="3-bit Lloyd-Max keys and values"),
+        _row("turboquant2", 2, 2, sink=4, window=128, auto_calibrate=True,
+             description="2-bit Lloyd-Max keys and values"),
         # The paper's TurboQuant_prod exactly: (b-1)-bit keys + 1-bit QJL (m = d, lambda = 1).
         _row("turboquant4_qjl", 3, 4, qjl_ratio=1.0, description="paper: 3-bit keys + QJL, 4-bit values"),
         _row("turboquant3_qjl", 2, 3, qjl_ratio=1.0, description="paper: 2-bit keys + QJL, 3-bit values"),

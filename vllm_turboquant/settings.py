@@ -4,7 +4,7 @@
 | option | env var | default | meaning |
 |---|---|---|---|
 | compressed_prefill | VLLM_TURBOQUANT_COMPRESSED_PREFILL | false | prefill reads every key/value back from the packed cache, as decode does |
-| calibration | VLLM_TURBOQUANT_CALIBRATION | none | a calibration file (``python -m vllm_turboquant.calibrate``) to load and validate at start |
+| calibration | VLLM_TURBOQUANT_CALIBRATION | none | ``auto``: presets that ask for it are calibrated once per model at the first start (``calibrate.py``); ``none``: data-oblivious codebooks; else a calibration file (``python -m vllm_turboquant.calibrate``) to load and validate at start |
 | seed | VLLM_TURBOQUANT_SEED | 0 | seed of the data-oblivious rotations and QJL matrices |
 | ops | VLLM_TURBOQUANT_OPS | auto | ``torch`` (reference path), ``triton`` (kernels), ``auto`` (triton on CUDA, torch on CPU) |
 | sink | VLLM_TURBOQUANT_SINK | the preset's | first S tokens of every sequence attended exactly (``protected.py``) |
@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 _TRUE = ("1", "true", "yes", "on")
@@ -25,11 +25,22 @@ OPS_CHOICES = ("auto", "torch", "triton")
 @dataclass(frozen=True)
 class Settings:
     compressed_prefill: bool = False
-    calibration: str | None = None
+    calibration: str = "none"
     seed: int = 0
     ops: str = "auto"
     sink: int | None = None
     window: int | None = None
+
+    def calibration_file(self, model: str, preset) -> str | None:
+        """The calibration file a run loads: its own, the automatic one (made now if missing), or None."""
+        if self.calibration == "none":
+            return None
+        if self.calibration == "auto":
+            from .calibrate import ensure_auto_calibration
+
+            path = ensure_auto_calibration(model, preset, self.seed)
+            return None if path is None else str(path)
+        return self.calibration
 
     def protected(self, preset) -> tuple[int, int]:
         """(S, W) for a preset: these settings where given, else the preset's defaults."""
@@ -75,6 +86,10 @@ def load_settings(additional_config: Mapping[str, Any] | None = None,
         v = getattr(settings, name)
         if v is not None and v < 0:
             raise ValueError(f"turboquant option {name}={v}: expected an integer >= 0")
+    if settings.calibration in (None, ""):
+        settings = replace(settings, calibration=Settings.calibration)
+    if settings.calibration.lower() in ("auto", "none"):
+        settings = replace(settings, calibration=settings.calibration.lower())
     if settings.ops not in OPS_CHOICES:
         raise ValueError(f"turboquant option ops={settings.ops!r}; accepted: {', '.join(OPS_CHOICES)}")
     return settings

@@ -1,0 +1,148 @@
+"""Calibration: the transformers capture sees exactly the K/V vLLM writes to its cache, and the
+automatic calibration at engine start is made once per model, cached, loaded, and falls back
+with a warning that says why."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+
+import pytest
+import torch
+
+from tiny_models import build_llama
+import vllm_turboquant.calibrate  # noqa: F401  (the module, not registry.calibrate)
+from vllm_turboquant.registry import load_registry
+from vllm_turboquant.settings import load_settings
+
+C = sys.modules["vllm_turboquant.calibrate"]
+TEXT = " ".join(f"w{(i * 37) % 500 + 4}" for i in range(1100))  # the tiny models' word-level vocabulary
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_llama(tmp_path_factory.mktemp("calib") / "d64_gqa", head_dim=64, num_heads=4, num_kv_heads=2)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_TURBOQUANT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_capture_is_what_vllm_writes_to_its_cache(tiny):
+    """Post-RoPE K/V per layer and KV head, in order: transformers capture vs the tensors vLLM hands
+    its cache-write hook (both float32 here, so they agree to rounding)."""
+    pytest.importorskip("vllm")
+    from vllm import SamplingParams
+
+    from vllm_turboquant.inprocess import attention_layers, in_process_llm
+
+    keys, values = C.capture_kv(str(tiny), TEXT, tokens=1024, chunk=512)
+    assert len(keys) == 4 and keys[0].shape == (1024, 2, 64)
+    with in_process_llm(str(tiny), kv_cache_dtype="auto", dtype="float32", enable_prefix_caching=False) as llm:
+        ids = llm.get_tokenizer()(TEXT)["input_ids"]
+        seen: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        for _, impl in attention_layers(llm):
+            got: list[tuple[torch.Tensor, torch.Tensor]] = []
+            seen.append(got)
+            original = impl.do_kv_cache_update
+
+            def record(layer, key, value, kv_cache, slot_mapping, _got=got, _orig=original):
+                n = int((slot_mapping >= 0).sum())
+                _got.append((key[:n].float().clone(), value[:n].float().clone()))
+                return _orig(layer, key, value, kv_cache, slot_mapping)
+
+            impl.do_kv_cache_update = record
+        for start in (0, 512):  # independent sequences, as the capture runs them
+            llm.generate([{"prompt_token_ids": ids[start:start + 512]}], SamplingParams(max_tokens=1), use_tqdm=False)
+    for layer, got in enumerate(seen):
+        k = torch.cat([kv[0] for kv in got])[:1024].reshape(1024, 2, 64)
+        v = torch.cat([kv[1] for kv in got])[:1024].reshape(1024, 2, 64)
+        assert (k - keys[layer]).norm() / k.norm() < 1e-4, layer
+        assert (v - values[layer]).norm() / v.norm() < 1e-4, layer
+
+
+def test_fit_leaves_out_the_sink_tokens_of_every_chunk():
+    torch.manual_seed(0)
+    keys = [torch.randn(1024, 2, 64)]
+    keys[0][::512] += 50.0  # an outlying first token per chunk
+    values = [torch.randn(1024, 2, 64)]
+    reg = C.fit_registry(keys, values, "turboquant3", chunk=512, skip=4)
+    keep = torch.arange(1024) % 512 >= 4
+    torch.testing.assert_close(reg.layer(0).key_mean, keys[0][keep].mean(0))
+    with_sinks = C.fit_registry(keys, values, "turboquant3", chunk=512, skip=0)
+    torch.testing.assert_close(with_sinks.layer(0).key_mean, keys[0].mean(0))
+
+
+def test_settings_calibration_values(tmp_path):
+    assert load_settings({}, environ={}).calibration in ("auto", "none")
+    assert load_settings({}, environ={"VLLM_TURBOQUANT_CALIBRATION": "AUTO"}).calibration == "auto"
+    assert load_settings({"turboquant": {"calibration": "None"}}, environ={}).calibration == "none"
+    assert load_settings({"turboquant": {"calibration": "/x.safetensors"}}, environ={}).calibration == "/x.safetensors"
+    assert load_settings({"turboquant": {"calibration": "none"}}, environ={}).calibration_file("m", "turboquant3") is None
+
+
+def test_auto_calibration_is_made_once_and_cached_per_model(tiny, cache, monkeypatch, tmp_path):
+    path = C.ensure_auto_calibration(str(tiny), "turboquant3")
+    assert path is not None and path.parent == cache / "calibration" and path.exists()
+    reg = load_registry(path, preset="turboquant3", head_dim=64, num_layers=4, num_kv_heads=2)
+    # the subprocess fitted what the capture + fit give in this process on the built-in text
+    keys, values = C.capture_kv(str(tiny), C.builtin_text(), C.AUTO_TOKENS)
+    expect = C.fit_registry(keys, values, "turboquant3")
+    for layer in (0, 3):
+        torch.testing.assert_close(reg.layer(layer).key_mean, expect.layer(layer).key_mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(reg.layer(layer).value_centroids, expect.layer(layer).value_centroids,
+                                   rtol=1e-3, atol=1e-4)
+    assert reg.layer(0).key_mean.abs().max() > 0  # calibrated, not the data-oblivious zeros
+
+    def no_subprocess(*a, **k):
+        raise AssertionError("a cached calibration must not run again")
+
+    monkeypatch.setattr(C.subprocess, "run", no_subprocess)
+    assert C.ensure_auto_calibration(str(tiny), "turboquant3") == path
+    # another seed or preset is another file; changed weights are another model
+    assert C.auto_calibration_file(str(tiny), "turboquant3", 1) != path
+    assert C.auto_calibration_file(str(tiny), "turboquant4", 0) != path
+    other = tmp_path / "d64_gqa_finetuned"
+    shutil.copytree(tiny, other)
+    weights = next(other.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert C.model_digest(str(other)) != C.model_digest(str(tiny))
+
+
+def test_auto_calibration_falls_back_with_a_warning(tiny, cache, monkeypatch, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="vllm.vllm_turboquant")
+    assert C.ensure_auto_calibration(str(tiny), "turboquant3_qjl") is None  # the paper's algorithm: data-oblivious
+    monkeypatch.setattr(C, "AUTO_MAX_WEIGHT_BYTES", 0)
+    assert C.ensure_auto_calibration(str(tiny), "turboquant3") is None
+    assert "too large to calibrate at start-up" in caplog.text and "python -m vllm_turboquant.calibrate" in caplog.text
+    monkeypatch.setattr(C, "AUTO_MAX_WEIGHT_BYTES", 1 << 40)
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny, broken)
+    (broken / "config.json").write_text("{not json")
+    caplog.clear()
+    assert C.ensure_auto_calibration(str(broken), "turboquant3") is None
+    assert "automatic calibration of" in caplog.text and "failed" in caplog.text
+    assert not list((cache / "calibration").glob("broken-*.safetensors"))  # nothing half-written is kept
+
+
+def test_engine_start_loads_the_automatic_calibration(tiny, cache, monkeypatch):
+    pytest.importorskip("vllm")
+    from vllm import SamplingParams
+
+    from vllm_turboquant.inprocess import attention_layers, in_process_llm
+
+    monkeypatch.setenv("VLLM_TURBOQUANT_CALIBRATION", "auto")
+    with in_process_llm(str(tiny), kv_cache_dtype="turboquant3") as llm:
+        out = llm.generate(["w5 w6 w7 w8"], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
+        impl = attention_layers(llm)[1][1]
+        assert len(out[0].outputs[0].token_ids) == 4
+    path = C.auto_calibration_file(str(tiny), "turboquant3", 0)
+    assert path.exists()
+    reg = load_registry(path, preset="turboquant3", head_dim=64, num_layers=4, num_kv_heads=2)
+    torch.testing.assert_close(impl.registry.layer(1).key_mean, reg.layer(1).key_mean)
+    torch.testing.assert_close(impl._tables.key_centroids.cpu(), reg.layer(1).key_centroids)
