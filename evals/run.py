@@ -29,6 +29,14 @@ both modes are the same computation for them.
 ``registry.calibrate``), made once per model and preset and cached in
 ``cache_dir("evals", "calibration")``.
 
+Ad-hoc encoders (the preset-frontier comparison): ``tq:kKvV[+qjlR[*]]`` evaluates a configuration that
+is not in ``PRESETS`` (K / V code bits 1..4; a QJL sketch of m = R x head_dim on top of the key codes,
+lambda = 1, or lambda* with ``*``); the worker registers it as a preset named ``adhoc_kKvV[_qjlR[opt]]``
+before its engine starts. It has no protected tokens unless ``+sSwW`` says so. ``+edgeN`` (any TurboQuant
+spec) keeps the first and last N layers at bf16 through vLLM's ``kv_cache_dtype_skip_layers``; its bytes
+are averaged over layers. The full grammar: ``Spec``. Reports show each spec's bytes, their ratio to the
+plain preset nearest in bytes (turboquant2/3/4), and a per-budget frontier table.
+
 Suites (per model; ``quick`` is sized to finish in < 20 min for SmolLM2 x 5 dtypes on 2 shared
 CPU cores, where the TurboQuant torch reference path (float64) costs ~1-3 s per loglikelihood request):
 see ``SUITES``. Worker results are kept in ``--workdir`` (default ``cache_dir("evals", "runs")``);
@@ -112,41 +120,189 @@ def suite_config(suite: str, model: str) -> dict[str, Any]:
 
 
 _SW = re.compile(r"s(\d+)w(\d+)")
+_ADHOC = re.compile(r"tq:k([1-4])v([1-4])")
+_QJL = re.compile(r"qjl(\d+(?:\.\d+)?|\.\d+)(\*?)")
+_EDGE = re.compile(r"edge(\d+)")
+ADHOC_PREFIX = "adhoc_"  # vLLM kv-cache dtype names of ad-hoc presets (``adhoc_preset``)
+PLAIN_PRESETS = ("turboquant2", "turboquant3", "turboquant4")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One ``--kv-cache-dtype`` entry of the runner, parsed (``parse_spec``).
+
+    Grammar (flags in any order after the base; each at most once)::
+
+        SPEC  := BASE ( "+" FLAG )*
+        BASE  := auto | fp8... | PRESET          (a name of vllm_turboquant.presets.PRESETS)
+               | "tq:k" KBITS "v" VBITS          (ad-hoc encoder: Lloyd-Max key / value code bits, 1..4)
+        FLAG  := "qjl" RATIO [ "*" ]             (tq: bases only: QJL sketch m = RATIO * head_dim on top of
+                                                  the key codes; lambda = 1 (paper), "*" = lambda*)
+               | "s" S "w" W                     (protected tokens: first S + last W exact; TurboQuant only)
+               | "calibrated"                    (calibrated codebooks + key means, cached; TurboQuant only)
+               | "edge" N                        (first N and last N attention layers kept at bf16 through
+                                                  vLLM's kv_cache_dtype_skip_layers; TurboQuant only)
+
+    Examples: ``tq:k4v2``, ``tq:k2v3+qjl1*`` (= turboquant3_qjl with lambda*), ``tq:k3v3+qjl0.5*+s4w64``,
+    ``turboquant3+calibrated+s0w0``, ``turboquant3+edge1``. An ad-hoc ``tq:`` preset has no protected
+    tokens by default (like the ``_qjl`` rows); give ``+sSwW`` to compare at a plain preset's S / W.
+    """
+
+    spec: str
+    dtype: str                 # the vLLM kv-cache dtype name (an ad-hoc preset's generated name for tq:)
+    preset: Any = None         # vllm_turboquant.presets.Preset for TurboQuant dtypes, else None
+    adhoc: bool = False        # preset is not in PRESETS: the worker registers it
+    calibrated: bool = False
+    protected: tuple[int, int] | None = None  # +sSwW; None = the preset's defaults
+    edge: int = 0              # +edgeN
+
+    @property
+    def turboquant(self) -> bool:
+        return self.preset is not None
+
+
+def parse_spec(spec: str) -> Spec:
+    """Parse one runner dtype spec (grammar: ``Spec``); ValueError names what is wrong."""
+    from vllm_turboquant.presets import PRESETS, Preset
+
+    base, *flags = spec.split("+")
+    seen: set[str] = set()
+    qjl: tuple[float, bool] | None = None
+    calibrated, protected, edge = False, None, 0
+    for flag in flags:
+        kind = ("calibrated" if flag == "calibrated" else "sSwW" if _SW.fullmatch(flag) else
+                "qjl" if _QJL.fullmatch(flag) else "edge" if _EDGE.fullmatch(flag) else None)
+        if kind is None:
+            raise ValueError(f"unknown dtype suffix {flag!r} in {spec!r}; accepted: +calibrated, +sSwW "
+                             "(protected tokens, e.g. +s4w64), +edgeN (first/last N layers bf16), "
+                             "+qjlR / +qjlR* (tq: specs: QJL sketch m = R*d, lambda 1 / lambda*)")
+        if kind in seen:
+            raise ValueError(f"{spec!r}: suffix +{kind} given twice")
+        seen.add(kind)
+        if kind == "calibrated":
+            calibrated = True
+        elif kind == "sSwW":
+            m = _SW.fullmatch(flag)
+            protected = (int(m.group(1)), int(m.group(2)))
+        elif kind == "qjl":
+            m = _QJL.fullmatch(flag)
+            qjl = (float(m.group(1)), bool(m.group(2)))
+        else:
+            edge = int(_EDGE.fullmatch(flag).group(1))
+            if edge < 1:
+                raise ValueError(f"{spec!r}: +edgeN needs N >= 1")
+    m = _ADHOC.fullmatch(base)
+    if m:
+        kb, vb = int(m.group(1)), int(m.group(2))
+        ratio, optimal = qjl or (0.0, False)
+        if qjl is not None and ratio <= 0:
+            raise ValueError(f"{spec!r}: +qjlR needs R > 0")
+        name = f"{ADHOC_PREFIX}k{kb}v{vb}" + (f"_qjl{ratio:g}{'opt' if optimal else ''}" if ratio else "")
+        preset = Preset(name, kb, vb, qjl_ratio=ratio, qjl_scale="optimal" if optimal else "unbiased",
+                        description=f"ad-hoc (evals.run): {base}" + (f"+{[f for f in flags if f.startswith('qjl')][0]}"
+                                                                      if ratio else ""))
+        return Spec(spec, name, preset, True, calibrated, protected, edge)
+    if base.startswith("tq:"):
+        raise ValueError(f"{spec!r}: an ad-hoc base is tq:kKvV with K, V in 1..4 (e.g. tq:k4v2)")
+    if qjl is not None:
+        raise ValueError(f"{spec!r}: +qjlR applies to ad-hoc tq:kKvV bases only (named presets are fixed)")
+    preset = PRESETS.get(base)
+    if preset is None and (calibrated or protected or edge):
+        raise ValueError(f"{spec!r}: +calibrated / +sSwW / +edgeN need a TurboQuant preset or a tq: spec")
+    return Spec(spec, base, preset, False, calibrated, protected, edge)
+
+
+def register_adhoc(preset) -> None:
+    """Make an ad-hoc preset a kv-cache dtype in THIS process (the worker, before its engine starts).
+
+    The package looks presets up in ``PRESETS`` at run time (layout, backend, registry, settings), so
+    the record is added there; the plugin is registered (it adds ``preset_names()`` to vLLM's dtypes
+    once per process) and the name is added explicitly in case the plugin registered earlier."""
+    from vllm_turboquant.plugin import register
+    from vllm_turboquant.presets import PRESETS
+    from vllm_turboquant.vllm_dtypes import add_kv_cache_dtypes
+
+    if PRESETS.get(preset.name, preset) != preset:
+        raise ValueError(f"ad-hoc preset name {preset.name!r} is taken by another record")
+    PRESETS[preset.name] = preset
+    register()
+    add_kv_cache_dtypes([preset.name])
+    from vllm_turboquant.backend import TurboQuantCPUBackend  # its class-level list was built at import
+
+    if preset.name not in TurboQuantCPUBackend.supported_kv_cache_dtypes:
+        TurboQuantCPUBackend.supported_kv_cache_dtypes.append(preset.name)
 
 
 def split_dtype(spec: str) -> tuple[str, bool]:
-    """``"turboquant3+calibrated"`` -> ("turboquant3", True); a ``+sSwW`` suffix (``spec_protected``) is allowed."""
-    base, *flags = spec.split("+")
-    for flag in flags:
-        if flag != "calibrated" and not _SW.fullmatch(flag):
-            raise ValueError(f"unknown dtype suffix {flag!r} in {spec!r}; accepted: +calibrated, +sSwW "
-                             "(protected tokens, e.g. +s4w64)")
-    return base, "calibrated" in flags
+    """``"turboquant3+calibrated"`` -> ("turboquant3", True): (vLLM kv-cache dtype, calibrated); see ``Spec``."""
+    s = parse_spec(spec)
+    return s.dtype, s.calibrated
 
 
 def spec_protected(spec: str) -> tuple[int, int] | None:
     """``"turboquant3+s4w64"`` -> (4, 64): sink and window for this run; None = the preset's defaults."""
-    for flag in spec.split("+")[1:]:
-        m = _SW.fullmatch(flag)
-        if m:
-            return int(m.group(1)), int(m.group(2))
-    return None
+    return parse_spec(spec).protected
 
 
 def effective_protected(spec: str) -> tuple[int, int] | None:
     """(S, W) a spec runs with (its suffix, else the preset's defaults); None for non-TurboQuant dtypes."""
-    dtype, _ = split_dtype(spec)
-    if not is_turboquant(dtype):
+    s = parse_spec(spec)
+    if not s.turboquant:
         return None
-    from vllm_turboquant.presets import PRESETS
-
-    return spec_protected(spec) or (PRESETS[dtype].sink, PRESETS[dtype].window)
+    return s.protected or (s.preset.sink, s.preset.window)
 
 
 def is_turboquant(dtype: str) -> bool:
     from vllm_turboquant.presets import PRESETS
 
-    return dtype in PRESETS
+    return dtype in PRESETS or dtype.startswith(ADHOC_PREFIX)
+
+
+def skip_layers(edge: int, num_layers: int) -> list[str]:
+    """vLLM's ``kv_cache_dtype_skip_layers`` for the first and last ``edge`` layers."""
+    return [str(i) for i in sorted(set(range(edge)) | set(range(max(num_layers - edge, 0), num_layers)))]
+
+
+def spec_bytes(spec: str | Spec, head_dim: int, num_layers: int | None = None,
+               model_dtype: str = "bfloat16") -> dict[str, Any]:
+    """Bytes per token per KV head of a spec: ``slot`` (a quantised layer's slot), ``bytes`` (averaged
+    over layers when +edgeN keeps layers at bf16), the nearest plain preset and the ratio to its slot."""
+    from vllm_turboquant.layout import slot_layout
+    from vllm_turboquant.presets import PRESETS
+
+    s = parse_spec(spec) if isinstance(spec, str) else spec
+    if not s.turboquant:
+        b = bytes_per_token_head(s.dtype, head_dim, model_dtype)
+        return {"slot": b, "bytes": b, "plain": None, "plain_bytes": None, "ratio_to_plain": None}
+    slot = slot_layout(s.preset, head_dim).slot_bytes
+    avg: float = slot
+    if s.edge:
+        if not num_layers:
+            raise ValueError(f"{s.spec}: +edgeN needs the model's layer count")
+        kept = len(skip_layers(s.edge, num_layers))
+        bf16 = bytes_per_token_head("auto", head_dim, model_dtype)
+        avg = round(((num_layers - kept) * slot + kept * bf16) / num_layers, 2)
+    plains = {n: slot_layout(PRESETS[n], head_dim).slot_bytes for n in PLAIN_PRESETS if n in PRESETS}
+    plain = min(plains, key=lambda n: (abs(plains[n] - slot), -plains[n])) if plains else None
+    return {"slot": slot, "bytes": avg, "plain": plain, "plain_bytes": plains.get(plain),
+            "ratio_to_plain": round(avg / plains[plain], 4) if plain else None}
+
+
+def encoding(preset) -> str:
+    """``K3 / V3``, ``K2+QJL m=d λ=1 / V3``: the encoder of a preset in a table cell."""
+    if preset is None:
+        return "—"
+    k = f"K{preset.key_bits}"
+    if preset.qjl_ratio:
+        r = preset.qjl_ratio
+        m = "d" if r == 1 else f"{r:g}d" if r > 1 else f"d/{1 / r:g}" if (1 / r).is_integer() else f"{r:g}d"
+        k += f"+QJL m={m} " + ("λ=1" if preset.qjl_scale == "unbiased" else "λ*")
+    return f"{k} / V{preset.value_bits}"
+
+
+def spec_filename(spec: str) -> str:
+    """A file stem for a spec (``*`` -> ``opt``, ``:`` -> ``-``); plain specs are unchanged."""
+    return spec.replace("*", "opt").replace(":", "-")
 
 
 def model_facts(model_path: str) -> dict[str, Any]:
@@ -247,21 +403,22 @@ def run_worker(spec: str, model: str, suite: str, json_path: Path, two_engines: 
     name, path = resolve_model(model)
     facts = model_facts(path)
     cfg = suite_config(suite, name)
-    dtype, calibrated = split_dtype(spec)
-    tq = is_turboquant(dtype)
-    if calibrated and not tq:
-        raise ValueError(f"{spec}: +calibrated needs a TurboQuant preset")
-    if spec_protected(spec) and not tq:
-        raise ValueError(f"{spec}: +sSwW needs a TurboQuant preset")
+    parsed = parse_spec(spec)
+    dtype, calibrated, tq = parsed.dtype, parsed.calibrated, parsed.turboquant
+    if parsed.adhoc:
+        register_adhoc(parsed.preset)   # before the engine is built: the plugin reads PRESETS
+    sizes = spec_bytes(parsed, facts["head_dim"], facts["num_layers"], facts["dtype"])
     rec: dict[str, Any] = {"spec": spec, "kv_cache_dtype": dtype, "calibrated": calibrated, "model": name,
                            "model_path": path, "suite": suite, "config": cfg, "facts": facts,
-                           "bytes_per_token_head": bytes_per_token_head(dtype, facts["head_dim"], facts["dtype"]),
+                           "bytes_per_token_head": sizes["bytes"], "sizes": sizes,
+                           "preset": dataclasses.asdict(parsed.preset) if tq else None,
+                           "encoding": encoding(parsed.preset), "edge": parsed.edge,
                            "timings": {}, "errors": [], "loglik": {}, "ruler": {}, "ppl": None,
                            "protected": effective_protected(spec)}
     timings = rec["timings"]
     tq_config: dict[str, Any] = {}
-    if spec_protected(spec):
-        tq_config["sink"], tq_config["window"] = spec_protected(spec)
+    if parsed.protected:
+        tq_config["sink"], tq_config["window"] = parsed.protected
     if calibrated:
         t = time.perf_counter()
         tq_config["calibration"] = str(calibration_file(name, dtype, path))
@@ -275,6 +432,8 @@ def run_worker(spec: str, model: str, suite: str, json_path: Path, two_engines: 
         engine_args["add_bos_token"] = True   # the GGUF-converted Gemma tokenizer does not add it
     if tq:
         engine_args["additional_config"] = {"turboquant": {**tq_config, "compressed_prefill": True}}
+    if parsed.edge:
+        engine_args["kv_cache_dtype_skip_layers"] = skip_layers(parsed.edge, facts["num_layers"])
     rec["engine_args"] = engine_args
 
     t = time.perf_counter()
@@ -431,6 +590,55 @@ def write_plots(records: list[dict], out: Path) -> list[Path]:
     return paths
 
 
+def _sizes(rec: dict) -> dict | None:
+    """A record's ``spec_bytes`` (stored by the worker; recomputed for older records)."""
+    if rec.get("sizes"):
+        return rec["sizes"]
+    try:
+        f = rec["facts"]
+        return spec_bytes(rec["spec"], f["head_dim"], f.get("num_layers"), f.get("dtype", "bfloat16"))
+    except Exception:  # noqa: BLE001 - e.g. a preset renamed since
+        return None
+
+
+def _vs_plain(rec: dict) -> str:
+    s = _sizes(rec)
+    return "—" if not s or not s.get("plain") else f"{s['ratio_to_plain']:.2f}× `{s['plain']}`"
+
+
+def _encoding(rec: dict) -> str:
+    enc = rec.get("encoding")
+    if enc is None:
+        try:
+            enc = encoding(parse_spec(rec["spec"]).preset)
+        except Exception:  # noqa: BLE001
+            return "?"
+    return enc + (" calibrated" if rec.get("calibrated") else "") + (f", edge {rec['edge']} bf16" if rec.get("edge") else "")
+
+
+def _frontier_section(records: list[dict], base: dict | None) -> list[str]:
+    """Perplexity per byte budget (nearest plain preset) and protected-token setting, best first."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        s = _sizes(r)
+        if s and s.get("plain") and (r.get("ppl") or {}).get("ppl"):
+            groups.setdefault((s["plain_bytes"], s["plain"], tuple(r.get("protected") or ())), []).append(r)
+    if not base or not (base.get("ppl") or {}).get("ppl") or not any(len(g) > 1 for g in groups.values()):
+        return []
+    b = base["ppl"]["ppl"]
+    L = ["## Frontier per byte budget\n",
+         "Configurations grouped by the plain preset nearest in bytes and by protected tokens, lowest "
+         "perplexity first (Δ % vs `auto`).\n",
+         "| budget | S / W | dtype | encoding | bytes | vs plain | Δ ppl % |", "|---|---|---|---|---:|---:|---:|"]
+    for (_, plain, sw), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2])):
+        for r in sorted(rs, key=lambda r: r["ppl"]["ppl"]):
+            s = _sizes(r)
+            L.append(f"| `{plain}` | {'{} / {}'.format(*sw) if sw else '—'} | `{r['spec']}` | {_encoding(r)} | "
+                     f"{r['bytes_per_token_head']} | {s['ratio_to_plain']:.2f}× | {100 * (r['ppl']['ppl'] / b - 1):+.1f}% |")
+    L.append("")
+    return L
+
+
 def render_report(records: list[dict], meta: dict, plot_names: list[str] | None = None) -> str:
     """The markdown report of one run (records: one per dtype spec, ``auto`` first when present)."""
     if not records:
@@ -487,19 +695,24 @@ def render_report(records: list[dict], meta: dict, plot_names: list[str] | None 
              f"{cfg['ppl_window_tokens']} tokens, teacher-forced (`evals/perplexity.py`).\n")
     L.append("S / W = protected tokens (sink, recent window) read exactly; the packed slot bytes are shown, "
              "the exact-copy pool adds the bytes of the table below.\n")
-    L.append("| dtype | S / W | bytes/token/KV head | perplexity | Δ vs auto | scored tokens | per window |")
-    L.append("|---|---|---:|---:|---:|---:|---|")
+    L.append("`vs plain` = these bytes / the slot of the plain preset (turboquant2/3/4) nearest in bytes "
+             "(`+edgeN`: bytes averaged over layers, N first and N last layers at bf16).\n")
+    L.append("| dtype | S / W | bytes/token/KV head | vs plain | encoding | perplexity | Δ vs auto | scored tokens "
+             "| per window |")
+    L.append("|---|---|---:|---|---|---:|---:|---:|---|")
     bp = (base or {}).get("ppl") or {}
     for r in records:
         p = r.get("ppl") or {}
         sw = "—" if not r.get("protected") else "{} / {}".format(*r["protected"])
+        head = f"| `{r['spec']}` | {sw} | {r['bytes_per_token_head']} | {_vs_plain(r)} | {_encoding(r)} |"
         if not p:
-            L.append(f"| `{r['spec']}` | {sw} | {r['bytes_per_token_head']} | failed | | | |")
+            L.append(f"{head} failed | | | |")
             continue
         d = _delta(p["ppl"], bp.get("ppl"), 2, pct=True).strip(" ()") if bp and r is not base else ""
-        L.append(f"| `{r['spec']}` | {sw} | {r['bytes_per_token_head']} | {p['ppl']:.2f} | {d} | {p['tokens']} | "
+        L.append(f"{head} {p['ppl']:.2f} | {d} | {p['tokens']} | "
                  f"{', '.join(f'{w:.1f}' for w in p['window_ppl'])} |")
     L.append("")
+    L.extend(_frontier_section(records, base))
     sws = sorted({tuple(r["protected"]) for r in records if r.get("protected") and sum(r["protected"])})
     if sws:
         from vllm_turboquant.protected import pool_bytes_per_token
@@ -508,16 +721,17 @@ def render_report(records: list[dict], meta: dict, plot_names: list[str] | None 
         L.append("Memory of the exact-copy pool, bytes per cached token per KV head (S + W rows of K+V in bf16 "
                  "per `max_model_len` tokens, `protected.pool_bytes_per_token`), and the pool as a share of "
                  "each TurboQuant dtype's slot:\n")
-        slots = {}  # kv-cache dtype -> slot bytes, largest first
-        for r in sorted(records, key=lambda r: -r["bytes_per_token_head"]):
+        slots = {}  # slot bytes -> the first kv-cache dtype with that slot, largest first
+        for r in sorted(records, key=lambda r: -((_sizes(r) or {}).get("slot") or r["bytes_per_token_head"])):
             if r.get("protected"):
-                slots.setdefault(r["kv_cache_dtype"], r["bytes_per_token_head"])
+                slots.setdefault((_sizes(r) or {}).get("slot") or r["bytes_per_token_head"], r["kv_cache_dtype"])
         L.append("| S / W | " + " | ".join(f"{n // 1024}K" for n in lens) + " | "
-                 + " | ".join(f"share of a `{k}` slot at 32K" for k in slots) + " |")
+                 + " | ".join(f"share of a `{k}` slot at 32K" if len(slots) == 1 else
+                              f"share of a {b} B slot (`{k}`) at 32K" for b, k in slots.items()) + " |")
         L.append("|---|" + "---:|" * (len(lens) + len(slots)))
         for S, W in sws:
             per = [pool_bytes_per_token(S, W, 1, facts["head_dim"], 2, n) for n in lens]
-            share = [f"{per[1] / b:.1%}" for b in slots.values()]
+            share = [f"{per[1] / b:.1%}" for b in slots]
             L.append(f"| {S} / {W} | " + " | ".join(f"{x:.2f}" for x in per) + " | " + " | ".join(share) + " |")
         L.append("")
 
@@ -634,7 +848,10 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="See the module docstring for the modes and engines.")
     parser.add_argument("--model", default="smollm2", help="smollm2, gemma3 or a local model folder")
     parser.add_argument("--kv-cache-dtype", default="auto,fp8,turboquant4,turboquant3,turboquant2",
-                        help="comma-separated; auto is moved first (baseline); PRESET+calibrated allowed")
+                        help="comma-separated; auto is moved first (baseline). Each: auto | fp8 | PRESET | "
+                             "tq:kKvV (ad-hoc: K/V code bits 1..4), then suffixes +qjlR / +qjlR* (tq: only; "
+                             "QJL m = R*d, lambda 1 / lambda*), +sSwW (protected tokens), +calibrated, +edgeN "
+                             "(first/last N layers bf16); e.g. 'tq:k2v3+qjl1*+s4w64' (quote the *)")
     parser.add_argument("--suite", choices=list(SUITES), default="quick")
     parser.add_argument("--out", type=Path, default=REPO / "evals" / "RESULTS.md")
     parser.add_argument("--workdir", type=Path, default=None,
@@ -660,7 +877,7 @@ def main(argv: list[str] | None = None) -> int:
     specs = [s.strip() for s in args.kv_cache_dtype.split(",") if s.strip()]
     specs = sorted(dict.fromkeys(specs), key=lambda s: s != "auto")
     for s in specs:
-        split_dtype(s)
+        parse_spec(s)
     workdir = args.workdir or cache_dir("evals", "runs", f"{name}-{args.suite}")
     workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -671,8 +888,8 @@ def main(argv: list[str] | None = None) -> int:
 
         fetch_data()
     for spec in specs:
-        result = workdir / f"{spec}.json"
-        log = workdir / f"{spec}.log"
+        result = workdir / f"{spec_filename(spec)}.json"
+        log = workdir / f"{spec_filename(spec)}.log"
         if not (args.report_only or (args.reuse and result.exists())):
             result.unlink(missing_ok=True)
             cmd = [sys.executable, "-m", "evals.run", "--worker", spec, "--model", args.model, "--suite",
