@@ -139,22 +139,27 @@ class Spec:
         FLAG  := "qjl" RATIO [ "*" ]             (tq: bases only: QJL sketch m = RATIO * head_dim on top of
                                                   the key codes; lambda = 1 (paper), "*" = lambda*)
                | "s" S "w" W                     (protected tokens: first S + last W exact; TurboQuant only)
-               | "calibrated"                    (calibrated codebooks + key means, cached; TurboQuant only)
+               | "calibrated"                    (codebooks + key means fitted on the Shakespeare *train* split,
+                                                  cached; TurboQuant only)
+               | "nocal"                         (data-oblivious codebooks: calibration=none; TurboQuant only)
                | "edge" N                        (first N and last N attention layers kept at bf16 through
                                                   vLLM's kv_cache_dtype_skip_layers; TurboQuant only)
 
     Examples: ``tq:k4v2``, ``tq:k2v3+qjl1*`` (= turboquant3_qjl with lambda*), ``tq:k3v3+qjl0.5*+s4w64``,
-    ``turboquant3+calibrated+s0w0``, ``turboquant3+edge1``. An ad-hoc ``tq:`` preset has no protected
-    tokens by default (like the ``_qjl`` rows); give ``+sSwW`` to compare at a plain preset's S / W.
+    ``turboquant3+calibrated+s0w0``, ``turboquant3+edge1``, ``turboquant3+nocal``. An ad-hoc ``tq:``
+    preset has no protected tokens and no calibration by default (like the ``_qjl`` rows); give ``+sSwW``
+    to compare at a plain preset's S / W. Without ``+calibrated`` / ``+nocal`` a spec runs as served:
+    the plain presets with their automatic calibration (on the package's built-in text).
     """
 
     spec: str
     dtype: str                 # the vLLM kv-cache dtype name (an ad-hoc preset's generated name for tq:)
     preset: Any = None         # vllm_turboquant.presets.Preset for TurboQuant dtypes, else None
     adhoc: bool = False        # preset is not in PRESETS: the worker registers it
-    calibrated: bool = False
+    calibrated: bool = False   # +calibrated (Shakespeare train split)
     protected: tuple[int, int] | None = None  # +sSwW; None = the preset's defaults
     edge: int = 0              # +edgeN
+    nocal: bool = False        # +nocal (calibration=none)
 
     @property
     def turboquant(self) -> bool:
@@ -168,12 +173,13 @@ def parse_spec(spec: str) -> Spec:
     base, *flags = spec.split("+")
     seen: set[str] = set()
     qjl: tuple[float, bool] | None = None
-    calibrated, protected, edge = False, None, 0
+    calibrated, protected, edge, nocal = False, None, 0, False
     for flag in flags:
-        kind = ("calibrated" if flag == "calibrated" else "sSwW" if _SW.fullmatch(flag) else
+        kind = ("calibrated" if flag == "calibrated" else "nocal" if flag == "nocal" else
+                "sSwW" if _SW.fullmatch(flag) else
                 "qjl" if _QJL.fullmatch(flag) else "edge" if _EDGE.fullmatch(flag) else None)
         if kind is None:
-            raise ValueError(f"unknown dtype suffix {flag!r} in {spec!r}; accepted: +calibrated, +sSwW "
+            raise ValueError(f"unknown dtype suffix {flag!r} in {spec!r}; accepted: +calibrated, +nocal, +sSwW "
                              "(protected tokens, e.g. +s4w64), +edgeN (first/last N layers bf16), "
                              "+qjlR / +qjlR* (tq: specs: QJL sketch m = R*d, lambda 1 / lambda*)")
         if kind in seen:
@@ -181,6 +187,8 @@ def parse_spec(spec: str) -> Spec:
         seen.add(kind)
         if kind == "calibrated":
             calibrated = True
+        elif kind == "nocal":
+            nocal = True
         elif kind == "sSwW":
             m = _SW.fullmatch(flag)
             protected = (int(m.group(1)), int(m.group(2)))
@@ -201,15 +209,19 @@ def parse_spec(spec: str) -> Spec:
         preset = Preset(name, kb, vb, qjl_ratio=ratio, qjl_scale="optimal" if optimal else "unbiased",
                         description=f"ad-hoc (evals.run): {base}" + (f"+{[f for f in flags if f.startswith('qjl')][0]}"
                                                                       if ratio else ""))
-        return Spec(spec, name, preset, True, calibrated, protected, edge)
+        if calibrated and nocal:
+            raise ValueError(f"{spec!r}: +calibrated and +nocal exclude each other")
+        return Spec(spec, name, preset, True, calibrated, protected, edge, nocal)
     if base.startswith("tq:"):
         raise ValueError(f"{spec!r}: an ad-hoc base is tq:kKvV with K, V in 1..4 (e.g. tq:k4v2)")
     if qjl is not None:
         raise ValueError(f"{spec!r}: +qjlR applies to ad-hoc tq:kKvV bases only (named presets are fixed)")
     preset = PRESETS.get(base)
-    if preset is None and (calibrated or protected or edge):
-        raise ValueError(f"{spec!r}: +calibrated / +sSwW / +edgeN need a TurboQuant preset or a tq: spec")
-    return Spec(spec, base, preset, False, calibrated, protected, edge)
+    if preset is None and (calibrated or protected or edge or nocal):
+        raise ValueError(f"{spec!r}: +calibrated / +nocal / +sSwW / +edgeN need a TurboQuant preset or a tq: spec")
+    if calibrated and nocal:
+        raise ValueError(f"{spec!r}: +calibrated and +nocal exclude each other")
+    return Spec(spec, base, preset, False, calibrated, protected, edge, nocal)
 
 
 def register_adhoc(preset) -> None:
@@ -329,17 +341,16 @@ def calibration_file(model: str, preset: str, model_path: str) -> Path:
     """The cached calibration file for (model, preset); made on first use (in this process)."""
     from vllm_turboquant.cache import cache_dir
 
-    path = cache_dir("evals", "calibration") / f"{model}-{preset}-{CALIBRATION_TOKENS}.safetensors"
+    path = cache_dir("evals", "calibration") / f"{model}-{preset}-{CALIBRATION_TOKENS}-v2.safetensors"
     if path.exists():
         return path
-    from vllm_turboquant.calibrate import capture_kv
-    from vllm_turboquant.registry import calibrate
+    from vllm_turboquant.calibrate import capture_kv, fit_registry
 
     from evals.assets import ensure_text_file
 
     text = ensure_text_file("shakespeare_train").read_text(encoding="utf-8", errors="ignore")
     keys, values = capture_kv(model_path, text, CALIBRATION_TOKENS)
-    registry = calibrate(keys, values, preset, model=model_path)
+    registry = fit_registry(keys, values, preset, model=model_path)
     tmp = path.with_suffix(".tmp.safetensors")
     registry.save(tmp)
     os.replace(tmp, path)
@@ -424,6 +435,18 @@ def run_worker(spec: str, model: str, suite: str, json_path: Path, two_engines: 
         tq_config["calibration"] = str(calibration_file(name, dtype, path))
         timings["calibrate"] = time.perf_counter() - t
         rec["calibration_file"] = tq_config["calibration"]
+    elif parsed.nocal:
+        tq_config["calibration"] = "none"
+    elif tq and parsed.preset.auto_calibrate:
+        # as served: the automatic calibration (made here, timed, if this model has none cached yet)
+        from vllm_turboquant.calibrate import ensure_auto_calibration
+
+        t = time.perf_counter()
+        auto = ensure_auto_calibration(path, parsed.preset)
+        timings["calibrate"] = time.perf_counter() - t
+        rec["calibration"] = "auto"
+        if auto is not None:
+            tq_config["calibration"] = rec["calibration_file"] = str(auto)
 
     max_ruler = max(cfg["ruler_lengths"]) if cfg["ruler_tasks"] else 0
     max_len = max(cfg["ppl_window_tokens"] + 1, 2048, max_ruler + 256)
@@ -613,7 +636,9 @@ def _encoding(rec: dict) -> str:
             enc = encoding(parse_spec(rec["spec"]).preset)
         except Exception:  # noqa: BLE001
             return "?"
-    return enc + (" calibrated" if rec.get("calibrated") else "") + (f", edge {rec['edge']} bf16" if rec.get("edge") else "")
+    cal = (" calibrated (Shakespeare)" if rec.get("calibrated") else
+           " auto-calibrated" if rec.get("calibration") == "auto" and rec.get("calibration_file") else "")
+    return enc + cal + (f", edge {rec['edge']} bf16" if rec.get("edge") else "")
 
 
 def _frontier_section(records: list[dict], base: dict | None) -> list[str]:
@@ -671,7 +696,13 @@ def render_report(records: list[dict], meta: dict, plot_names: list[str] | None 
                 "a second engine with `compressed_prefill: false` runs (c)") + ".")
     if any(r.get("calibrated") for r in records):
         L.append(f"- `+calibrated`: per-head codebooks fitted on {CALIBRATION_TOKENS} tokens of the Shakespeare "
-                 "*train* split (`vllm_turboquant.calibrate`), cached per model and preset.")
+                 "*train* split (`vllm_turboquant.calibrate`), cached per model and preset (in-domain for the "
+                 "perplexity text).")
+    if any(r.get("calibration") == "auto" for r in records):
+        L.append("- Plain presets run as served: **auto-calibrated** = codebooks and key means fitted at first "
+                 "start on the package's built-in text (`vllm_turboquant/data/calibration.txt`: prose, a chat "
+                 "and Python docstrings; out of domain for every eval here); its one-off cost is the `calibrate` "
+                 "time. `+nocal` = data-oblivious codebooks (`calibration=none`).")
     L.append("")
 
     # Sizes and wall time

@@ -98,8 +98,13 @@ def test_adhoc_spec_parser_presets_and_bytes():
     # suffixes compose; the vLLM dtype name and calibrated flag come through split_dtype
     assert run.split_dtype("tq:k4v2+calibrated+s0w0") == ("adhoc_k4v2", True)
     assert run.spec_filename("tq:k2v3+qjl1*+s4w64") == "tq-k2v3+qjl1opt+s4w64"
+    # +nocal: data-oblivious codebooks; the plain spec runs as served (automatic calibration)
+    nocal = run.parse_spec("turboquant3+nocal+s0w0")
+    assert (nocal.dtype, nocal.nocal, nocal.calibrated, nocal.protected) == ("turboquant3", True, False, (0, 0))
+    assert not run.parse_spec("turboquant3").nocal and run.parse_spec("turboquant3").preset.auto_calibrate
     for bad in ("tq:k5v2", "tq:k3", "turboquant3+qjl1*", "tq:k3v3+qjl0", "auto+edge1", "auto+calibrated",
-                "tq:k3v3+s4w64+s0w0", "tq:k3v3+qjl1x"):
+                "tq:k3v3+s4w64+s0w0", "tq:k3v3+qjl1x", "auto+nocal", "turboquant3+calibrated+nocal",
+                "turboquant3+nocal+nocal"):
         with pytest.raises(ValueError):
             run.parse_spec(bad)
 

@@ -13,9 +13,11 @@ from vllm_turboquant.presets import PRESETS, Preset, get_preset
 
 
 def test_plain_and_paper_rows():
-    for b in (2, 3, 4):
+    # the plain names hold the measured best split at b bits per coordinate on average (README)
+    for b, split in ((2, (2, 2)), (3, (4, 2)), (4, (4, 4))):
         plain, paper = get_preset(f"turboquant{b}"), get_preset(f"turboquant{b}_qjl")
-        assert (plain.key_bits, plain.value_bits, plain.qjl_ratio) == (b, b, 0)
+        assert (plain.key_bits, plain.value_bits, plain.qjl_ratio) == (*split, 0)
+        assert plain.key_bits + plain.value_bits == 2 * b
         assert (paper.key_bits, paper.value_bits, paper.qjl_ratio, paper.qjl_scale) == (b - 1, b, 1.0, "unbiased")
         assert paper.qjl_dim(128) == 128 and paper.qjl_lambda(128) == 1.0
 

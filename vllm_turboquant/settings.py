@@ -4,7 +4,7 @@
 | option | env var | default | meaning |
 |---|---|---|---|
 | compressed_prefill | VLLM_TURBOQUANT_COMPRESSED_PREFILL | false | prefill reads every key/value back from the packed cache, as decode does |
-| calibration | VLLM_TURBOQUANT_CALIBRATION | none | ``auto``: presets that ask for it are calibrated once per model at the first start (``calibrate.py``); ``none``: data-oblivious codebooks; else a calibration file (``python -m vllm_turboquant.calibrate``) to load and validate at start |
+| calibration | VLLM_TURBOQUANT_CALIBRATION | auto | ``auto``: presets that ask for it are calibrated once per model at the first start (``calibrate.py``); ``none``: data-oblivious codebooks; else a calibration file (``python -m vllm_turboquant.calibrate``) to load and validate at start |
 | seed | VLLM_TURBOQUANT_SEED | 0 | seed of the data-oblivious rotations and QJL matrices |
 | ops | VLLM_TURBOQUANT_OPS | auto | ``torch`` (reference path), ``triton`` (kernels), ``auto`` (triton on CUDA, torch on CPU) |
 | sink | VLLM_TURBOQUANT_SINK | the preset's | first S tokens of every sequence attended exactly (``protected.py``) |
@@ -25,7 +25,7 @@ OPS_CHOICES = ("auto", "torch", "triton")
 @dataclass(frozen=True)
 class Settings:
     compressed_prefill: bool = False
-    calibration: str = "none"
+    calibration: str = "auto"
     seed: int = 0
     ops: str = "auto"
     sink: int | None = None
