@@ -297,10 +297,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nQ: {args.question}\nA: {answer}\n   ({tokens} tokens in {seconds:.1f} s from {model_id})")
         if backend:
             print(f"   backend: {backend.group(0).strip()}")
-        if calibrated:
-            print(f"   calibrated the codebooks at this first start in {calibrated.group(1)} s (cached for later starts)")
         else:
             print("   warning: the server log does not show the vllm-turboquant backend line")
+        if calibrated:
+            print(f"   calibrated the codebooks at this first start in {calibrated.group(1)} s (cached for later starts)")
 
         bf16_tokens = None
         if not args.no_baseline:
