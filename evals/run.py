@@ -89,6 +89,14 @@ SUITES: dict[str, dict[str, Any]] = {
         "ruler_lengths": {"smollm2": [1024], "gemma3": [4096]},
         "ruler_samples": 1, "ruler_gen_toks": 32,
     },
+    # needle retrieval at the context lengths (realistic mode), plus a short perplexity check
+    "needle": {
+        "ppl": {"smollm2": (1, 256), "gemma3": (1, 256)},
+        "loglik_tasks": [], "loglik_limit": 0,
+        "ruler_tasks": ["tq_niah_single_1"],
+        "ruler_lengths": {"smollm2": [2048, 4096], "gemma3": [2048, 4096, 8192, 16384]},
+        "ruler_samples": 2, "ruler_gen_toks": 32,
+    },
     # perplexity only: the protected-token (S, W) and preset sweeps
     "ppl": {
         "ppl": {"smollm2": (4, 1024), "gemma3": (2, 2048)},
