@@ -352,17 +352,12 @@ def calibration_file(model: str, preset: str, model_path: str) -> Path:
     path = cache_dir("evals", "calibration") / f"{model}-{preset}-{CALIBRATION_TOKENS}-v2.safetensors"
     if path.exists():
         return path
-    from vllm_turboquant.calibrate import capture_kv, fit_registry
+    from vllm_turboquant.calibrate import calibrate_to_file
 
     from evals.assets import ensure_text_file
 
     text = ensure_text_file("shakespeare_train").read_text(encoding="utf-8", errors="ignore")
-    keys, values = capture_kv(model_path, text, CALIBRATION_TOKENS)
-    registry = fit_registry(keys, values, preset, model=model_path)
-    tmp = path.with_suffix(".tmp.safetensors")
-    registry.save(tmp)
-    os.replace(tmp, path)
-    return path
+    return calibrate_to_file(model_path, text, path, preset, tokens=CALIBRATION_TOKENS)
 
 
 # ------------------------------------------------------------------------------------------ worker

@@ -103,6 +103,19 @@ def fit_registry(keys: list[torch.Tensor], values: list[torch.Tensor], preset: s
                      seed=seed, model=model)
 
 
+def calibrate_to_file(model: str, text: str, out: str | Path, preset: str | Preset, *, tokens: int = AUTO_TOKENS,
+                      seed: int = 0, center_keys: bool = True) -> Path:
+    """Capture ``tokens`` tokens of ``text`` through ``model``, fit, and write the registry file ``out``
+    (atomically: a partial file never carries the final name). Returns ``out``."""
+    out = Path(out)
+    keys, values = capture_kv(model, text, tokens)
+    registry = fit_registry(keys, values, preset, seed=seed, center_keys=center_keys, model=model)
+    tmp = out.with_name(f"{out.stem}.{os.getpid()}.tmp{out.suffix}")
+    registry.save(tmp)
+    os.replace(tmp, out)
+    return out
+
+
 # ------------------------------------------------------------------------------------ automatic
 def model_digest(model: str) -> str:
     """A short digest of a model: for a local folder its config and, per weight file, the size
@@ -168,21 +181,19 @@ def ensure_auto_calibration(model: str, preset: str | Preset, seed: int = 0) -> 
         fcntl.flock(lock, fcntl.LOCK_EX)  # another worker may be calibrating the same model
         if path.exists():
             return path
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.safetensors")
         logger.info("vllm-turboquant: calibrating %s for %s on the built-in text (%d tokens; once per model, "
                     "cached in %s; turn off with calibration=none)", model, preset.name, AUTO_TOKENS, path)
         t = time.perf_counter()
         cmd = [sys.executable, "-m", "vllm_turboquant.calibrate", "--model", model, "--preset", preset.name,
-               "--seed", str(seed), "--out", str(tmp), "--tokens", str(AUTO_TOKENS)]
+               "--seed", str(seed), "--out", str(path), "--tokens", str(AUTO_TOKENS)]
+        # the command writes the file atomically (calibrate_to_file): a failure leaves no file behind
         proc = subprocess.run(cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True)
         if proc.returncode != 0:
-            tmp.unlink(missing_ok=True)
             tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
             logger.warning("vllm-turboquant: automatic calibration of %s failed (exit %d):\n%s\nserving %s with "
                            "data-oblivious codebooks. To calibrate by hand: %s", model, proc.returncode, tail,
                            preset.name, manual)
             return None
-        os.replace(tmp, path)
         logger.info("vllm-turboquant: calibrated %s for %s in %.1f s", model, preset.name, time.perf_counter() - t)
         return path
 
@@ -204,13 +215,9 @@ def main(argv: list[str] | None = None) -> int:
 
     text = Path(args.text).read_text(errors="ignore") if args.text else builtin_text()
     t = time.time()
-    keys, values = capture_kv(args.model, text, args.tokens)
-    print(f"captured {keys[0].shape[0]} tokens x {len(keys)} layers x {keys[0].shape[1]} KV heads "
-          f"(head_dim {keys[0].shape[2]}) in {time.time() - t:.1f} s", file=sys.stderr)
-    registry = fit_registry(keys, values, args.preset, seed=args.seed, center_keys=not args.no_center_keys,
-                            model=args.model)
-    registry.save(args.out)
-    print(f"wrote {args.out} ({args.preset}, {len(keys)} layers) in {time.time() - t:.1f} s total", file=sys.stderr)
+    calibrate_to_file(args.model, text, args.out, args.preset, tokens=args.tokens, seed=args.seed,
+                      center_keys=not args.no_center_keys)
+    print(f"wrote {args.out} ({args.preset}, {args.tokens} tokens) in {time.time() - t:.1f} s", file=sys.stderr)
     return 0
 
 
