@@ -103,6 +103,16 @@ SUITES: dict[str, dict[str, Any]] = {
         "loglik_tasks": [], "loglik_limit": 0, "ruler_tasks": [],
         "ruler_lengths": {"smollm2": [], "gemma3": []}, "ruler_samples": 0,
     },
+    # perplexity at the issue's window lengths (2K SmolLM2, 8K Gemma-3). A window is prefilled in
+    # chunks of vLLM's default 4096 tokens; in compressed-prefill mode (and for the stock CPU
+    # attention) a chunk reads earlier chunks from the cache exactly as one whole-window step would,
+    # and protected tokens are defined per query position, so chunking changes nothing computed.
+    # Gemma-3's 262K vocabulary makes a 4096-token chunk's prompt logprobs ~9 GB: one Gemma worker at a time.
+    "ppl_long": {
+        "ppl": {"smollm2": (4, 2048), "gemma3": (2, 8192)},
+        "loglik_tasks": [], "loglik_limit": 0, "ruler_tasks": [],
+        "ruler_lengths": {"smollm2": [], "gemma3": []}, "ruler_samples": 0,
+    },
     "full": {
         "ppl": {"smollm2": (16, 2048), "gemma3": (8, 8192)},
         "loglik_tasks": LOGLIK_TASKS, "loglik_limit": None,
