@@ -160,6 +160,8 @@ class Spec:
                | "calibrated"                    (codebooks + key means fitted on the Shakespeare *train* split,
                                                   cached; TurboQuant only)
                | "nocal"                         (data-oblivious codebooks: calibration=none; TurboQuant only)
+               | "nocenter"                      (with +calibrated: fit the codebooks to uncentred keys, key
+                                                  means zero -- what centring adds, measured apart)
                | "edge" N                        (first N and last N attention layers kept at bf16 through
                                                   vLLM's kv_cache_dtype_skip_layers; TurboQuant only)
 
@@ -178,6 +180,7 @@ class Spec:
     protected: tuple[int, int] | None = None  # +sSwW; None = the preset's defaults
     edge: int = 0              # +edgeN
     nocal: bool = False        # +nocal (calibration=none)
+    center: bool = True        # False: +nocenter (calibrated codebooks without key centring)
 
     @property
     def turboquant(self) -> bool:
@@ -193,11 +196,12 @@ def parse_spec(spec: str) -> Spec:
     qjl: tuple[float, bool] | None = None
     calibrated, protected, edge, nocal = False, None, 0, False
     for flag in flags:
-        kind = ("calibrated" if flag == "calibrated" else "nocal" if flag == "nocal" else
+        kind = (flag if flag in ("calibrated", "nocal", "nocenter") else
                 "sSwW" if _SW.fullmatch(flag) else
                 "qjl" if _QJL.fullmatch(flag) else "edge" if _EDGE.fullmatch(flag) else None)
         if kind is None:
-            raise ValueError(f"unknown dtype suffix {flag!r} in {spec!r}; accepted: +calibrated, +nocal, +sSwW "
+            raise ValueError(f"unknown dtype suffix {flag!r} in {spec!r}; accepted: +calibrated, +nocal, "
+                             "+nocenter (with +calibrated), +sSwW "
                              "(protected tokens, e.g. +s4w64), +edgeN (first/last N layers bf16), "
                              "+qjlR / +qjlR* (tq: specs: QJL sketch m = R*d, lambda 1 / lambda*)")
         if kind in seen:
@@ -213,10 +217,13 @@ def parse_spec(spec: str) -> Spec:
         elif kind == "qjl":
             m = _QJL.fullmatch(flag)
             qjl = (float(m.group(1)), bool(m.group(2)))
-        else:
+        elif kind == "edge":
             edge = int(_EDGE.fullmatch(flag).group(1))
             if edge < 1:
                 raise ValueError(f"{spec!r}: +edgeN needs N >= 1")
+    center = "nocenter" not in seen
+    if not center and not calibrated:
+        raise ValueError(f"{spec!r}: +nocenter changes a +calibrated fit; give both")
     m = _ADHOC.fullmatch(base)
     if m:
         kb, vb = int(m.group(1)), int(m.group(2))
@@ -229,7 +236,7 @@ def parse_spec(spec: str) -> Spec:
                                                                       if ratio else ""))
         if calibrated and nocal:
             raise ValueError(f"{spec!r}: +calibrated and +nocal exclude each other")
-        return Spec(spec, name, preset, True, calibrated, protected, edge, nocal)
+        return Spec(spec, name, preset, True, calibrated, protected, edge, nocal, center)
     if base.startswith("tq:"):
         raise ValueError(f"{spec!r}: an ad-hoc base is tq:kKvV with K, V in 1..4 (e.g. tq:k4v2)")
     if qjl is not None:
@@ -239,7 +246,7 @@ def parse_spec(spec: str) -> Spec:
         raise ValueError(f"{spec!r}: +calibrated / +nocal / +sSwW / +edgeN need a TurboQuant preset or a tq: spec")
     if calibrated and nocal:
         raise ValueError(f"{spec!r}: +calibrated and +nocal exclude each other")
-    return Spec(spec, base, preset, False, calibrated, protected, edge, nocal)
+    return Spec(spec, base, preset, False, calibrated, protected, edge, nocal, center)
 
 
 def register_adhoc(preset) -> None:
@@ -355,11 +362,12 @@ def bytes_per_token_head(dtype: str, head_dim: int, model_dtype: str = "bfloat16
     return slot_layout(dtype, head_dim).slot_bytes
 
 
-def calibration_file(model: str, preset: str, model_path: str) -> Path:
-    """The cached calibration file for (model, preset); made on first use (in this process)."""
+def calibration_file(model: str, preset: str, model_path: str, center_keys: bool = True) -> Path:
+    """The cached calibration file for (model, preset, key centring); made on first use (in this process)."""
     from vllm_turboquant.cache import cache_dir
 
-    path = cache_dir("evals", "calibration") / f"{model}-{preset}-{CALIBRATION_TOKENS}-v2.safetensors"
+    stem = f"{model}-{preset}-{CALIBRATION_TOKENS}" + ("" if center_keys else "-nocenter")
+    path = cache_dir("evals", "calibration") / f"{stem}-v2.safetensors"
     if path.exists():
         return path
     from vllm_turboquant.calibrate import calibrate_to_file
@@ -367,7 +375,7 @@ def calibration_file(model: str, preset: str, model_path: str) -> Path:
     from evals.assets import ensure_text_file
 
     text = ensure_text_file("shakespeare_train").read_text(encoding="utf-8", errors="ignore")
-    return calibrate_to_file(model_path, text, path, preset, tokens=CALIBRATION_TOKENS)
+    return calibrate_to_file(model_path, text, path, preset, tokens=CALIBRATION_TOKENS, center_keys=center_keys)
 
 
 # ------------------------------------------------------------------------------------------ worker
@@ -445,7 +453,7 @@ def run_worker(spec: str, model: str, suite: str, json_path: Path, two_engines: 
         tq_config["sink"], tq_config["window"] = parsed.protected
     if calibrated:
         t = time.perf_counter()
-        tq_config["calibration"] = str(calibration_file(name, dtype, path))
+        tq_config["calibration"] = str(calibration_file(name, dtype, path, parsed.center))
         timings["calibrate"] = time.perf_counter() - t
         rec["calibration_file"] = tq_config["calibration"]
     elif parsed.nocal:
@@ -649,7 +657,8 @@ def _encoding(rec: dict) -> str:
             enc = encoding(parse_spec(rec["spec"]).preset)
         except Exception:  # noqa: BLE001
             return "?"
-    cal = (" calibrated (Shakespeare)" if rec.get("calibrated") else
+    nocenter = "+nocenter" in rec.get("spec", "")
+    cal = (f" calibrated (Shakespeare{', keys not centred' if nocenter else ''})" if rec.get("calibrated") else
            " auto-calibrated" if rec.get("calibration") == "auto" and rec.get("calibration_file") else "")
     return enc + cal + (f", edge {rec['edge']} bf16" if rec.get("edge") else "")
 
@@ -710,7 +719,7 @@ def render_report(records: list[dict], meta: dict, plot_names: list[str] | None 
     if any(r.get("calibrated") for r in records):
         L.append(f"- `+calibrated`: per-head codebooks fitted on {CALIBRATION_TOKENS} tokens of the Shakespeare "
                  "*train* split (`vllm_turboquant.calibrate`), cached per model and preset (in-domain for the "
-                 "perplexity text).")
+                 "perplexity text); keys centred on the fitted per-head means unless `+nocenter`.")
     if any(r.get("calibration") == "auto" for r in records):
         L.append("- Plain presets run as served: **auto-calibrated** = codebooks and key means fitted at first "
                  "start on the package's built-in text (`vllm_turboquant/data/calibration.txt`: prose, a chat "
@@ -894,7 +903,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-cache-dtype", default="auto,fp8,turboquant4,turboquant3,turboquant2",
                         help="comma-separated; auto is moved first (baseline). Each: auto | fp8 | PRESET | "
                              "tq:kKvV (ad-hoc: K/V code bits 1..4), then suffixes +qjlR / +qjlR* (tq: only; "
-                             "QJL m = R*d, lambda 1 / lambda*), +sSwW (protected tokens), +calibrated, +edgeN "
+                             "QJL m = R*d, lambda 1 / lambda*), +sSwW (protected tokens), +calibrated [+nocenter], +nocal, +edgeN "
                              "(first/last N layers bf16); e.g. 'tq:k2v3+qjl1*+s4w64' (quote the *)")
     parser.add_argument("--suite", choices=list(SUITES), default="quick")
     parser.add_argument("--out", type=Path, default=REPO / "evals" / "RESULTS.md")

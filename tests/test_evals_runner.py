@@ -102,9 +102,12 @@ def test_adhoc_spec_parser_presets_and_bytes():
     nocal = run.parse_spec("turboquant3+nocal+s0w0")
     assert (nocal.dtype, nocal.nocal, nocal.calibrated, nocal.protected) == ("turboquant3", True, False, (0, 0))
     assert not run.parse_spec("turboquant3").nocal and run.parse_spec("turboquant3").preset.auto_calibrate
+    # +nocenter: a +calibrated fit without key centring (centring measured apart from the codebooks)
+    assert run.parse_spec("tq:k4v2+calibrated+nocenter+s4w64").center is False
+    assert run.parse_spec("tq:k4v2+calibrated+s4w64").center is True
     for bad in ("tq:k5v2", "tq:k3", "turboquant3+qjl1*", "tq:k3v3+qjl0", "auto+edge1", "auto+calibrated",
                 "tq:k3v3+s4w64+s0w0", "tq:k3v3+qjl1x", "auto+nocal", "turboquant3+calibrated+nocal",
-                "turboquant3+nocal+nocal"):
+                "turboquant3+nocal+nocal", "turboquant3+nocenter", "tq:k4v2+nocal+nocenter"):
         with pytest.raises(ValueError):
             run.parse_spec(bad)
 

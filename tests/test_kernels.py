@@ -45,7 +45,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else
 REL_TOL = 1e-3
 
 #: A sketch on top of 3-bit codes, m = 0.75 d (not a power of two), variance-optimal lambda.
-SKETCHED = Preset("test_k3v3_qjl075", 3, 3, qjl_ratio=0.75, qjl_scale="optimal", center_keys=True)
+SKETCHED = Preset("test_k3v3_qjl075", 3, 3, qjl_ratio=0.75, qjl_scale="optimal")
 
 
 def make_tables(preset, d: int, H: int, *, mean_scale: float = 0.5, seed: int = 0) -> LayerTables:

@@ -23,8 +23,6 @@ class Preset:
         0 means no sketch.
     qjl_scale: "unbiased" (lambda = 1, the paper) or "optimal" (the
         variance-optimal lambda* = 1 / (1 + pi d / (2 m))).
-    center_keys: subtract the registry's per-head key mean before quantising
-        (needs calibrated means; without them the mean is zero).
     sink / window: protected tokens (``protected.py``): the first ``sink`` and the
         ``window`` most recent tokens of a sequence are attended exactly. Defaults;
         the run's settings may override them. 0 / 0 is plain TurboQuant.
@@ -37,7 +35,6 @@ class Preset:
     value_bits: int
     qjl_ratio: float = 0.0
     qjl_scale: QJLScale = "unbiased"
-    center_keys: bool = False
     sink: int = 0
     window: int = 0
     auto_calibrate: bool = False
