@@ -97,6 +97,12 @@ SUITES: dict[str, dict[str, Any]] = {
         "ruler_lengths": {"smollm2": [2048, 4096], "gemma3": [2048, 4096, 8192, 16384]},
         "ruler_samples": 2, "ruler_gen_toks": 32,
     },
+    # loglikelihood accuracy with more examples than quick (7 tasks x 20), plus a short perplexity check
+    "loglik": {
+        "ppl": {"smollm2": (1, 256), "gemma3": (1, 256)},
+        "loglik_tasks": LOGLIK_TASKS, "loglik_limit": 20, "ruler_tasks": [],
+        "ruler_lengths": {"smollm2": [], "gemma3": []}, "ruler_samples": 0,
+    },
     # perplexity only: the protected-token (S, W) and preset sweeps
     "ppl": {
         "ppl": {"smollm2": (4, 1024), "gemma3": (2, 2048)},
