@@ -541,9 +541,14 @@ def run_worker(spec: str, model: str, suite: str, json_path: Path, two_engines: 
                 for task in cfg["ruler_tasks"]:
                     metrics = _metrics(out["results"].get(task, {}))
                     score = metrics.get("score", metrics.get(str(length)))
+                    samples = out.get("samples", {}).get(task, [])
                     rec["ruler"][f"{task}@{length}"] = {
                         "task": task, "length": length, "score": score, "metrics": metrics,
-                        "n": len(out.get("samples", {}).get(task, [])) or cfg["ruler_samples"]}
+                        "n": len(samples) or cfg["ruler_samples"],
+                        # per sample: its score and the start of the answer (paired comparison with auto)
+                        "samples": {str(x["doc_id"]): {"score": x.get(str(length), x.get("score")),
+                                                       "answer": str((x.get("filtered_resps") or [""])[0])[:120]}
+                                    for x in samples}}
         except Exception as exc:  # noqa: BLE001
             rec["errors"].append(f"ruler: {type(exc).__name__}: {exc}")
     timings["ruler"] = time.perf_counter() - t
@@ -591,6 +596,17 @@ def agreement(rec: dict, base: dict, tasks: list[str]) -> tuple[float | None, in
             total += 1
             same += a[doc] == b[doc]
     return (same / total if total else None), total
+
+
+def ruler_agreement(rec: dict, base: dict) -> tuple[int | None, int]:
+    """(samples whose RULER score equals ``base``'s on the same sample, samples compared); lengths pooled."""
+    same = total = 0
+    for key, entry in rec.get("ruler", {}).items():
+        a, b = entry.get("samples") or {}, base.get("ruler", {}).get(key, {}).get("samples") or {}
+        for doc in set(a) & set(b):
+            total += 1
+            same += a[doc]["score"] == b[doc]["score"]
+    return (same if total else None), total
 
 
 def mean_ruler(rec: dict) -> float | None:
@@ -840,8 +856,12 @@ def render_report(records: list[dict], meta: dict, plot_names: list[str] | None 
                  f"{cfg['ruler_samples']} samples per task and length, greedy, up to "
                  f"{cfg.get('ruler_gen_toks', 128)} new tokens (the answers are < 32 tokens); "
                  "score = RULER string_match_all. Cells: score (Δ vs auto).\n")
-        L.append("| dtype | " + " | ".join(k.replace("tq_", "") for k in keys) + " | mean |")
-        L.append("|---|" + "---:|" * (len(keys) + 1))
+        paired = any(v.get("samples") for r in records for v in r.get("ruler", {}).values())
+        if paired:
+            L.append("`same` = samples (all lengths pooled) whose score equals `auto`'s on the same sample.\n")
+        L.append("| dtype | " + " | ".join(k.replace("tq_", "") for k in keys) + " | mean |"
+                 + (" same |" if paired else ""))
+        L.append("|---|" + "---:|" * (len(keys) + 1 + paired))
         for r in records:
             cells = []
             for k in keys:
@@ -850,8 +870,12 @@ def render_report(records: list[dict], meta: dict, plot_names: list[str] | None 
                 cells.append(_fmt(v, 2) + (_delta(v, bv, 2) if base and r is not base else ""))
             m = mean_ruler(r)
             mb = mean_ruler(base) if base else None
+            same = ""
+            if paired:
+                ag, tot = ruler_agreement(r, base) if base and r is not base else (None, 0)
+                same = " — |" if ag is None else f" {ag}/{tot} |"
             L.append(f"| `{r['spec']}` | " + " | ".join(cells) + f" | {_fmt(m, 2)}"
-                     + (_delta(m, mb, 2) if base and r is not base else "") + " |")
+                     + (_delta(m, mb, 2) if base and r is not base else "") + " |" + same)
         L.append("")
 
     if plot_names:

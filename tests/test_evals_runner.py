@@ -24,7 +24,9 @@ def _record(spec: str, ppl: float, acc: float, ruler: float, preds_flip: int = 0
                 "window_ppl": [ppl - 1, ppl + 1], "bos": False},
         "loglik": {t: {"metrics": {"acc": acc, "acc_norm": acc, "perplexity": 20.0}, "n": 10, "preds": preds}
                    for t in cfg["loglik_tasks"]},
-        "ruler": {f"{t}@{n}": {"task": t, "length": n, "score": ruler, "metrics": {"score": ruler}, "n": 3}
+        "ruler": {f"{t}@{n}": {"task": t, "length": n, "score": ruler, "metrics": {"score": ruler}, "n": 2,
+                               "samples": {"0": {"score": 1.0, "answer": "1234"},
+                                           "1": {"score": 2 * ruler - 1.0, "answer": "?"}}}
                   for t in cfg["ruler_tasks"] for n in cfg["ruler_lengths"]},
     }
 
@@ -62,6 +64,7 @@ def test_report_on_fake_results(tmp_path):
     assert "0.500 (-0.100)" in text                   # loglik delta
     assert "0.800 (20)" in text                       # answer agreement: 2 of 10 flipped, 2 tasks pooled
     assert "0.50 (-0.50)" in text                     # RULER delta
+    assert "| 0.50 (-0.50) | 1/2 |" in text            # RULER, paired: sample 0 found by both, sample 1 lost
     for png in ("R_perplexity.png", "R_accuracy.png"):
         assert (tmp_path / png).stat().st_size > 1000 and png in text
     assert json.loads((tmp_path / "R.json").read_text())["records"][1]["spec"] == "turboquant3"
