@@ -168,6 +168,9 @@ class Spec:
                | "nocal"                         (data-oblivious codebooks: calibration=none; TurboQuant only)
                | "nocenter"                      (with +calibrated: fit the codebooks to uncentred keys, key
                                                   means zero -- what centring adds, measured apart)
+               | "autocal"                       (tq: bases only: the fit the automatic calibration makes for
+                                                  a plain preset -- built-in text, same tokens and seed -- so a
+                                                  candidate encoder is compared as it would be served)
                | "edge" N                        (first N and last N attention layers kept at bf16 through
                                                   vLLM's kv_cache_dtype_skip_layers; TurboQuant only)
 
@@ -187,6 +190,7 @@ class Spec:
     edge: int = 0              # +edgeN
     nocal: bool = False        # +nocal (calibration=none)
     center: bool = True        # False: +nocenter (calibrated codebooks without key centring)
+    autocal: bool = False      # +autocal (tq: only): calibrated on the built-in text, as a plain preset is served
 
     @property
     def turboquant(self) -> bool:
@@ -202,12 +206,12 @@ def parse_spec(spec: str) -> Spec:
     qjl: tuple[float, bool] | None = None
     calibrated, protected, edge, nocal = False, None, 0, False
     for flag in flags:
-        kind = (flag if flag in ("calibrated", "nocal", "nocenter") else
+        kind = (flag if flag in ("calibrated", "nocal", "nocenter", "autocal") else
                 "sSwW" if _SW.fullmatch(flag) else
                 "qjl" if _QJL.fullmatch(flag) else "edge" if _EDGE.fullmatch(flag) else None)
         if kind is None:
             raise ValueError(f"unknown dtype suffix {flag!r} in {spec!r}; accepted: +calibrated, +nocal, "
-                             "+nocenter (with +calibrated), +sSwW "
+                             "+nocenter (with +calibrated), +autocal (tq: specs), +sSwW "
                              "(protected tokens, e.g. +s4w64), +edgeN (first/last N layers bf16), "
                              "+qjlR / +qjlR* (tq: specs: QJL sketch m = R*d, lambda 1 / lambda*)")
         if kind in seen:
@@ -227,9 +231,11 @@ def parse_spec(spec: str) -> Spec:
             edge = int(_EDGE.fullmatch(flag).group(1))
             if edge < 1:
                 raise ValueError(f"{spec!r}: +edgeN needs N >= 1")
-    center = "nocenter" not in seen
+    center, autocal = "nocenter" not in seen, "autocal" in seen
     if not center and not calibrated:
         raise ValueError(f"{spec!r}: +nocenter changes a +calibrated fit; give both")
+    if autocal and (calibrated or nocal):
+        raise ValueError(f"{spec!r}: +autocal, +calibrated and +nocal exclude each other")
     m = _ADHOC.fullmatch(base)
     if m:
         kb, vb = int(m.group(1)), int(m.group(2))
@@ -242,11 +248,12 @@ def parse_spec(spec: str) -> Spec:
                                                                       if ratio else ""))
         if calibrated and nocal:
             raise ValueError(f"{spec!r}: +calibrated and +nocal exclude each other")
-        return Spec(spec, name, preset, True, calibrated, protected, edge, nocal, center)
+        return Spec(spec, name, preset, True, calibrated, protected, edge, nocal, center, autocal)
     if base.startswith("tq:"):
         raise ValueError(f"{spec!r}: an ad-hoc base is tq:kKvV with K, V in 1..4 (e.g. tq:k4v2)")
-    if qjl is not None:
-        raise ValueError(f"{spec!r}: +qjlR applies to ad-hoc tq:kKvV bases only (named presets are fixed)")
+    if qjl is not None or autocal:
+        raise ValueError(f"{spec!r}: +qjlR and +autocal apply to ad-hoc tq:kKvV bases only (a plain preset "
+                         "is auto-calibrated as served; named presets are fixed)")
     preset = PRESETS.get(base)
     if preset is None and (calibrated or protected or edge or nocal):
         raise ValueError(f"{spec!r}: +calibrated / +nocal / +sSwW / +edgeN need a TurboQuant preset or a tq: spec")
@@ -368,20 +375,26 @@ def bytes_per_token_head(dtype: str, head_dim: int, model_dtype: str = "bfloat16
     return slot_layout(dtype, head_dim).slot_bytes
 
 
-def calibration_file(model: str, preset: str, model_path: str, center_keys: bool = True) -> Path:
-    """The cached calibration file for (model, preset, key centring); made on first use (in this process)."""
+def calibration_file(model: str, preset: str, model_path: str, center_keys: bool = True,
+                     text: str = "shakespeare_train") -> Path:
+    """The cached calibration file for (model, preset, key centring, text); made on first use (in this
+    process). ``text``: "shakespeare_train" (``+calibrated``) or "builtin" (``+autocal``: the automatic
+    calibration's text, token count and seed)."""
     from vllm_turboquant.cache import cache_dir
+    from vllm_turboquant.calibrate import AUTO_TOKENS, builtin_text, calibrate_to_file
 
-    stem = f"{model}-{preset}-{CALIBRATION_TOKENS}" + ("" if center_keys else "-nocenter")
+    tokens = AUTO_TOKENS if text == "builtin" else CALIBRATION_TOKENS
+    stem = f"{model}-{preset}-{tokens}" + ("" if center_keys else "-nocenter") + ("-builtin" if text == "builtin" else "")
     path = cache_dir("evals", "calibration") / f"{stem}-v2.safetensors"
     if path.exists():
         return path
-    from vllm_turboquant.calibrate import calibrate_to_file
+    if text == "builtin":
+        body = builtin_text()
+    else:
+        from evals.assets import ensure_text_file
 
-    from evals.assets import ensure_text_file
-
-    text = ensure_text_file("shakespeare_train").read_text(encoding="utf-8", errors="ignore")
-    return calibrate_to_file(model_path, text, path, preset, tokens=CALIBRATION_TOKENS, center_keys=center_keys)
+        body = ensure_text_file(text).read_text(encoding="utf-8", errors="ignore")
+    return calibrate_to_file(model_path, body, path, preset, tokens=tokens, center_keys=center_keys)
 
 
 # ------------------------------------------------------------------------------------------ worker
@@ -457,9 +470,10 @@ def run_worker(spec: str, model: str, suite: str, json_path: Path, two_engines: 
     tq_config: dict[str, Any] = {}
     if parsed.protected:
         tq_config["sink"], tq_config["window"] = parsed.protected
-    if calibrated:
+    if calibrated or parsed.autocal:
         t = time.perf_counter()
-        tq_config["calibration"] = str(calibration_file(name, dtype, path, parsed.center))
+        tq_config["calibration"] = str(calibration_file(name, dtype, path, parsed.center,
+                                                        "builtin" if parsed.autocal else "shakespeare_train"))
         timings["calibrate"] = time.perf_counter() - t
         rec["calibration_file"] = tq_config["calibration"]
     elif parsed.nocal:
@@ -681,6 +695,7 @@ def _encoding(rec: dict) -> str:
             return "?"
     nocenter = "+nocenter" in rec.get("spec", "")
     cal = (f" calibrated (Shakespeare{', keys not centred' if nocenter else ''})" if rec.get("calibrated") else
+           " auto-calibrated" if "+autocal" in rec.get("spec", "") else
            " auto-calibrated" if rec.get("calibration") == "auto" and rec.get("calibration_file") else "")
     return enc + cal + (f", edge {rec['edge']} bf16" if rec.get("edge") else "")
 
@@ -936,7 +951,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-cache-dtype", default="auto,fp8,turboquant4,turboquant3,turboquant2",
                         help="comma-separated; auto is moved first (baseline). Each: auto | fp8 | PRESET | "
                              "tq:kKvV (ad-hoc: K/V code bits 1..4), then suffixes +qjlR / +qjlR* (tq: only; "
-                             "QJL m = R*d, lambda 1 / lambda*), +sSwW (protected tokens), +calibrated [+nocenter], +nocal, +edgeN "
+                             "QJL m = R*d, lambda 1 / lambda*), +sSwW (protected tokens), +calibrated [+nocenter], +nocal, +autocal (tq: only), +edgeN "
                              "(first/last N layers bf16); e.g. 'tq:k2v3+qjl1*+s4w64' (quote the *)")
     parser.add_argument("--suite", choices=list(SUITES), default="quick")
     parser.add_argument("--out", type=Path, default=REPO / "evals" / "RESULTS.md")

@@ -108,9 +108,13 @@ def test_adhoc_spec_parser_presets_and_bytes():
     # +nocenter: a +calibrated fit without key centring (centring measured apart from the codebooks)
     assert run.parse_spec("tq:k4v2+calibrated+nocenter+s4w64").center is False
     assert run.parse_spec("tq:k4v2+calibrated+s4w64").center is True
+    # +autocal: an ad-hoc encoder calibrated the way a plain preset is served
+    auto = run.parse_spec("tq:k3v1+autocal+s4w128")
+    assert (auto.autocal, auto.calibrated, auto.nocal, auto.protected) == (True, False, False, (4, 128))
     for bad in ("tq:k5v2", "tq:k3", "turboquant3+qjl1*", "tq:k3v3+qjl0", "auto+edge1", "auto+calibrated",
                 "tq:k3v3+s4w64+s0w0", "tq:k3v3+qjl1x", "auto+nocal", "turboquant3+calibrated+nocal",
-                "turboquant3+nocal+nocal", "turboquant3+nocenter", "tq:k4v2+nocal+nocenter"):
+                "turboquant3+nocal+nocal", "turboquant3+nocenter", "tq:k4v2+nocal+nocenter",
+                "turboquant3+autocal", "tq:k3v1+autocal+calibrated", "tq:k3v1+autocal+nocal"):
         with pytest.raises(ValueError):
             run.parse_spec(bad)
 
