@@ -14,7 +14,7 @@ from vllm_turboquant.presets import PRESETS, Preset, get_preset
 
 def test_plain_and_paper_rows():
     # the plain names hold the measured best split at b bits per coordinate on average (README)
-    for b, split in ((2, (2, 2)), (3, (4, 2)), (4, (4, 4))):
+    for b, split in ((2, (3, 1)), (3, (4, 2)), (4, (4, 4))):
         plain, paper = get_preset(f"turboquant{b}"), get_preset(f"turboquant{b}_qjl")
         assert (plain.key_bits, plain.value_bits, plain.qjl_ratio) == (*split, 0)
         assert plain.key_bits + plain.value_bits == 2 * b
