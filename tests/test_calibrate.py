@@ -13,6 +13,7 @@ import torch
 
 from tiny_models import build_llama
 import vllm_turboquant.calibrate  # noqa: F401  (the module, not registry.calibrate)
+from vllm_turboquant.presets import Preset
 from vllm_turboquant.registry import load_registry
 from vllm_turboquant.settings import load_settings
 
@@ -105,6 +106,9 @@ def test_auto_calibration_is_made_once_and_cached_per_model(tiny, cache, monkeyp
     # another seed or preset is another file; changed weights are another model
     assert C.auto_calibration_file(str(tiny), "turboquant3", 1) != path
     assert C.auto_calibration_file(str(tiny), "turboquant4", 0) != path
+    # a release that changes what a preset name holds must not pick up a file fitted for the old bits
+    resplit = Preset("turboquant3", 3, 3, sink=4, window=64, auto_calibrate=True)
+    assert C.auto_calibration_file(str(tiny), resplit, 0) != path
     other = tmp_path / "d64_gqa_finetuned"
     shutil.copytree(tiny, other)
     weights = next(other.glob("*.safetensors"))
@@ -112,6 +116,23 @@ def test_auto_calibration_is_made_once_and_cached_per_model(tiny, cache, monkeyp
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
     assert C.model_digest(str(other)) != C.model_digest(str(tiny))
+
+
+def test_an_unusable_cached_calibration_is_made_again(tiny, cache, caplog):
+    """A damaged cached file, or one fitted for other code bits under the expected name, is removed
+    with a warning and fitted again; the engine never starts on it."""
+    caplog.set_level(logging.INFO, logger="vllm.vllm_turboquant")
+    path = C.ensure_auto_calibration(str(tiny), "turboquant3")
+    good = path.read_bytes()
+    path.write_bytes(b"not a safetensors file")
+    assert C.ensure_auto_calibration(str(tiny), "turboquant3") == path
+    assert "cannot be used" in caplog.text and path.read_bytes() == good  # deterministic re-fit
+    # a turboquant4 fit (4-bit values) where the turboquant3 file (2-bit values) belongs
+    shutil.copy(C.ensure_auto_calibration(str(tiny), "turboquant4"), path)
+    caplog.clear()
+    assert C.ensure_auto_calibration(str(tiny), "turboquant3") == path
+    assert "cannot be used" in caplog.text
+    load_registry(path, preset="turboquant3", head_dim=64, num_layers=4, num_kv_heads=2)
 
 
 def test_auto_calibration_falls_back_with_a_warning(tiny, cache, monkeypatch, tmp_path, caplog):

@@ -146,12 +146,30 @@ def weight_bytes(model: str) -> int:
     return sum(f.stat().st_size for f in folder.iterdir() if f.suffix in _WEIGHT_SUFFIXES)
 
 
-def auto_calibration_file(model: str, preset: str, seed: int) -> Path:
-    """Where the automatic calibration of (model, preset, seed) is cached."""
+def auto_calibration_file(model: str, preset: str | Preset, seed: int) -> Path:
+    """Where the automatic calibration of (model, preset, seed) is cached. The name carries the
+    preset's encoding (``Preset.encoding_tag``), so a preset whose bits change in a later release
+    never picks up a file fitted for the old ones."""
     from .cache import cache_dir
 
+    preset = get_preset(preset)
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model.rstrip("/")).name)[:60]
-    return cache_dir("calibration") / f"{slug}-{model_digest(model)}-{preset}-seed{seed}.safetensors"
+    name = f"{slug}-{model_digest(model)}-{preset.name}-{preset.encoding_tag}-seed{seed}.safetensors"
+    return cache_dir("calibration") / name
+
+
+def _usable(path: Path, preset: Preset) -> bool:
+    """Whether a cached automatic calibration file loads for ``preset``; an unusable one is
+    removed with a warning (it is remade: the cache is ours, the user's files are never touched)."""
+    from .registry import CalibrationError, load_registry
+
+    try:
+        load_registry(path, preset=preset.name)
+        return True
+    except CalibrationError as exc:
+        logger.warning("vllm-turboquant: the cached automatic calibration cannot be used (%s); making it again", exc)
+        path.unlink(missing_ok=True)
+        return False
 
 
 def ensure_auto_calibration(model: str, preset: str | Preset, seed: int = 0) -> Path | None:
@@ -165,8 +183,8 @@ def ensure_auto_calibration(model: str, preset: str | Preset, seed: int = 0) -> 
     preset = get_preset(preset)
     if not preset.auto_calibrate:
         return None
-    path = auto_calibration_file(model, preset.name, seed)
-    if path.exists():
+    path = auto_calibration_file(model, preset, seed)
+    if path.exists() and _usable(path, preset):
         logger.debug("vllm-turboquant: using the cached calibration %s", path)
         return path
     manual = (f"python -m vllm_turboquant.calibrate --model {model} --preset {preset.name} --out FILE, then "

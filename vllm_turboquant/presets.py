@@ -67,6 +67,12 @@ class Preset:
         return qjl_coefficient(head_dim, self.qjl_dim(head_dim), self.qjl_scale)
 
     @property
+    def encoding_tag(self) -> str:
+        """``k4v2``, ``k2v3q1u``: the fields that shape a calibration file (bits, QJL ratio and scale)."""
+        tag = f"k{self.key_bits}v{self.value_bits}"
+        return tag + (f"q{self.qjl_ratio:g}{self.qjl_scale[0]}" if self.qjl_ratio else "")
+
+    @property
     def bits_per_coordinate(self) -> float:
         """Nominal bits per coordinate, keys and values averaged (sketch included)."""
         return (self.key_bits + self.value_bits + self.qjl_ratio) / 2.0
