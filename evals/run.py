@@ -647,7 +647,8 @@ def write_plots(records: list[dict], out: Path) -> list[Path]:
         for x, y, spec in pts:
             ax.annotate(spec, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
 
-    for kind in ("perplexity", "accuracy"):
+    has_accuracy = any(mean_loglik(r, tasks) is not None or mean_ruler(r) is not None for r in records)
+    for kind in ("perplexity", "accuracy") if has_accuracy else ("perplexity",):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         if kind == "perplexity":
             scatter(ax, [(r.get("ppl") or {}).get("ppl") for r in records], "perplexity (compressed-prefill)", "o")

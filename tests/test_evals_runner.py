@@ -159,3 +159,12 @@ def test_report_shows_bytes_ratio_and_frontier(tmp_path):
     order = [line.split("`")[3] for line in frontier.splitlines() if line.startswith("| `turboquant3`")]
     assert order == ["tq:k4v2+s4w64", "tq:k3v3+qjl0.5*+s4w64", "turboquant3"]  # lowest perplexity first
     assert "| `turboquant3` | 4 / 64 | `tq:k4v2+s4w64` | K4 / V2 | 52 | 1.00× | +5.6% |" in frontier
+
+
+def test_perplexity_only_report_has_no_empty_accuracy_plot(tmp_path):
+    records = [_record("auto", 36.0, 0.6, 1.0), _record("turboquant3", 40.0, 0.5, 0.5)]
+    for r in records:
+        r["loglik"], r["ruler"] = {}, {}
+    paths = run.write_report(records, tmp_path / "P.md", {"total_s": 1})
+    assert [p.name for p in paths] == ["P.md", "P.json", "P_perplexity.png"]
+    assert "P_accuracy.png" not in (tmp_path / "P.md").read_text()
