@@ -204,7 +204,7 @@ def parse_spec(spec: str) -> Spec:
     base, *flags = spec.split("+")
     seen: set[str] = set()
     qjl: tuple[float, bool] | None = None
-    calibrated, protected, edge, nocal = False, None, 0, False
+    qjl_flag, protected, edge = "", None, 0
     for flag in flags:
         kind = (flag if flag in ("calibrated", "nocal", "nocenter", "autocal") else
                 "sSwW" if _SW.fullmatch(flag) else
@@ -217,25 +217,22 @@ def parse_spec(spec: str) -> Spec:
         if kind in seen:
             raise ValueError(f"{spec!r}: suffix +{kind} given twice")
         seen.add(kind)
-        if kind == "calibrated":
-            calibrated = True
-        elif kind == "nocal":
-            nocal = True
-        elif kind == "sSwW":
+        if kind == "sSwW":
             m = _SW.fullmatch(flag)
             protected = (int(m.group(1)), int(m.group(2)))
         elif kind == "qjl":
             m = _QJL.fullmatch(flag)
-            qjl = (float(m.group(1)), bool(m.group(2)))
+            qjl, qjl_flag = (float(m.group(1)), bool(m.group(2))), flag
         elif kind == "edge":
             edge = int(_EDGE.fullmatch(flag).group(1))
             if edge < 1:
                 raise ValueError(f"{spec!r}: +edgeN needs N >= 1")
-    center, autocal = "nocenter" not in seen, "autocal" in seen
+    calibrated, nocal, autocal = ("calibrated" in seen, "nocal" in seen, "autocal" in seen)
+    center = "nocenter" not in seen
     if not center and not calibrated:
         raise ValueError(f"{spec!r}: +nocenter changes a +calibrated fit; give both")
-    if autocal and (calibrated or nocal):
-        raise ValueError(f"{spec!r}: +autocal, +calibrated and +nocal exclude each other")
+    if calibrated + nocal + autocal > 1:
+        raise ValueError(f"{spec!r}: +calibrated, +nocal and +autocal exclude each other")
     m = _ADHOC.fullmatch(base)
     if m:
         kb, vb = int(m.group(1)), int(m.group(2))
@@ -244,10 +241,7 @@ def parse_spec(spec: str) -> Spec:
             raise ValueError(f"{spec!r}: +qjlR needs R > 0")
         name = f"{ADHOC_PREFIX}k{kb}v{vb}" + (f"_qjl{ratio:g}{'opt' if optimal else ''}" if ratio else "")
         preset = Preset(name, kb, vb, qjl_ratio=ratio, qjl_scale="optimal" if optimal else "unbiased",
-                        description=f"ad-hoc (evals.run): {base}" + (f"+{[f for f in flags if f.startswith('qjl')][0]}"
-                                                                      if ratio else ""))
-        if calibrated and nocal:
-            raise ValueError(f"{spec!r}: +calibrated and +nocal exclude each other")
+                        description=f"ad-hoc (evals.run): {base}" + (f"+{qjl_flag}" if ratio else ""))
         return Spec(spec, name, preset, True, calibrated, protected, edge, nocal, center, autocal)
     if base.startswith("tq:"):
         raise ValueError(f"{spec!r}: an ad-hoc base is tq:kKvV with K, V in 1..4 (e.g. tq:k4v2)")
@@ -257,8 +251,6 @@ def parse_spec(spec: str) -> Spec:
     preset = PRESETS.get(base)
     if preset is None and (calibrated or protected or edge or nocal):
         raise ValueError(f"{spec!r}: +calibrated / +nocal / +sSwW / +edgeN need a TurboQuant preset or a tq: spec")
-    if calibrated and nocal:
-        raise ValueError(f"{spec!r}: +calibrated and +nocal exclude each other")
     return Spec(spec, base, preset, False, calibrated, protected, edge, nocal, center)
 
 
@@ -600,26 +592,27 @@ def mean_loglik(rec: dict, tasks: list[str]) -> float | None:
     return sum(vals) / len(vals) if vals and len(vals) == len(tasks) else None
 
 
-def agreement(rec: dict, base: dict, tasks: list[str]) -> tuple[float | None, int]:
-    """Fraction of loglik examples where ``rec`` picks the same answer as ``base`` (all tasks pooled)."""
+def _paired(pairs) -> tuple[int, int]:
+    """(items equal in both, items in both) over ``(a, b)`` dicts keyed by doc id, pooled."""
     same = total = 0
-    for task in tasks:
-        a = rec.get("loglik", {}).get(task, {}).get("preds", {})
-        b = base.get("loglik", {}).get(task, {}).get("preds", {})
+    for a, b in pairs:
         for doc in set(a) & set(b):
             total += 1
             same += a[doc] == b[doc]
+    return same, total
+
+
+def agreement(rec: dict, base: dict, tasks: list[str]) -> tuple[float | None, int]:
+    """Fraction of loglik examples where ``rec`` picks the same answer as ``base`` (all tasks pooled)."""
+    preds = lambda r, task: r.get("loglik", {}).get(task, {}).get("preds", {})  # noqa: E731
+    same, total = _paired((preds(rec, t), preds(base, t)) for t in tasks)
     return (same / total if total else None), total
 
 
 def ruler_agreement(rec: dict, base: dict) -> tuple[int | None, int]:
     """(samples whose RULER score equals ``base``'s on the same sample, samples compared); lengths pooled."""
-    same = total = 0
-    for key, entry in rec.get("ruler", {}).items():
-        a, b = entry.get("samples") or {}, base.get("ruler", {}).get(key, {}).get("samples") or {}
-        for doc in set(a) & set(b):
-            total += 1
-            same += a[doc]["score"] == b[doc]["score"]
+    scores = lambda r, key: {d: x["score"] for d, x in (r.get("ruler", {}).get(key, {}).get("samples") or {}).items()}  # noqa: E731
+    same, total = _paired((scores(rec, k), scores(base, k)) for k in rec.get("ruler", {}))
     return (same if total else None), total
 
 
