@@ -292,7 +292,8 @@ def _is_complete(manifest: dict | None, root: Path, verify: bool) -> bool:
         return False
     files = manifest.get("files", {})
     expected = {str(task_file(t, s, root).relative_to(root)) for t in TASK_SOURCES for s in TASK_SOURCES[t]}
-    expected |= {str(text_file(n, root).relative_to(root)) for n in ("shakespeare", "shakespeare_heldout", "shakespeare_train")}
+    texts = ("shakespeare", "shakespeare_heldout", "shakespeare_train")
+    expected |= {str(text_file(n, root).relative_to(root)) for n in texts}
     if not expected <= set(files):
         return False
     for rel, info in files.items():

@@ -4,8 +4,9 @@
 additions: the compatibility patches below are applied first, and ``--include_path``
 defaults to ``evals/tasks`` (the ``tq_*`` tasks). Example::
 
+    M=$(python -m vllm_turboquant.assets smollm2)
     VLLM_CPU_KVCACHE_SPACE=2 python -m evals.lmeval --model vllm \\
-        --model_args pretrained=$(python -m vllm_turboquant.assets smollm2),kv_cache_dtype=auto,enforce_eager=True,max_model_len=2048 \\
+        --model_args pretrained=$M,kv_cache_dtype=auto,enforce_eager=True,max_model_len=2048 \\
         --tasks tq_piqa --limit 5
 
 From Python (one engine for several task sets)::

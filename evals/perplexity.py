@@ -11,7 +11,7 @@ scored. ``ppl = exp(-sum(logprob) / scored tokens)``.
 By default a window is prefilled in one step (``max_num_batched_tokens`` >= the model
 length), so no chunk of a window reads earlier chunks back from the cache. What the
 KV-cache format then changes depends on the attention backend: on GPU backends prefill
-attends to the fresh bf16 K/V (DESIGN §7: use the plugin's compressed-prefill switch,
+attends to the fresh bf16 K/V (so use the plugin's compressed-prefill switch,
 passed through ``extra_engine_args``); vLLM 0.32's stock CPU kernel reads every token,
 the new ones included, from the paged cache, so ``fp8`` already moves CPU perplexity
 (SmolLM2, 2 x 512 tokens: auto 36.95, fp8 39.34).
@@ -62,7 +62,8 @@ def _assets():
     except ImportError:
         import importlib.util
 
-        spec = importlib.util.spec_from_file_location("_vllm_turboquant_evals_assets", Path(__file__).with_name("assets.py"))
+        spec = importlib.util.spec_from_file_location("_vllm_turboquant_evals_assets",
+                                                      Path(__file__).with_name("assets.py"))
         assets = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = assets
         spec.loader.exec_module(assets)
@@ -121,10 +122,11 @@ def _bos_id(tokenizer, model_path: str, add_bos: bool | None) -> int | None:
 def _score(outputs, prompts: list[list[int]]) -> list[tuple[float, int]]:
     """(sum of logprobs, scored tokens) per window."""
     scores = []
-    for out, ids in zip(outputs, prompts):
+    for out, ids in zip(outputs, prompts, strict=True):  # vLLM returns one output per prompt
         plp = out.prompt_logprobs
         if plp is None or len(plp) != len(ids):
-            raise RuntimeError(f"vLLM returned {None if plp is None else len(plp)} prompt logprobs for {len(ids)} tokens")
+            got = None if plp is None else len(plp)
+            raise RuntimeError(f"vLLM returned {got} prompt logprobs for {len(ids)} tokens")
         total = 0.0
         for pos in range(1, len(ids)):
             entry = plp[pos]

@@ -75,7 +75,7 @@ def load_gsm8k(**_):
     return _load("gsm8k", "test")
 
 
-# ----------------------------------------------------------------------------- HellaSwag (as lm-eval's hellaswag/utils.py)
+# ------------------------------------------------------------------------- HellaSwag (as lm-eval's hellaswag/utils.py)
 
 def _hellaswag_preprocess(text: str) -> str:
     text = text.strip()
