@@ -3,8 +3,9 @@
 The baseline is a plain bf16 Triton flash-decoding kernel with the *same grid*
 (batch x KV head x split, the GQA group as the rows of one program) reading a
 vLLM-style bf16 cache ([blocks, block_size, H, d] for K and for V). Both are timed
-with ``triton.testing.do_bench`` (median, L2 flushed between runs). Caches hold
-random bytes with valid fp16 norms: decode cost does not depend on the values.
+with ``triton.testing.do_bench_cudagraph`` (median; CUDA graphs, so small points are
+not launch-bound). Caches hold random bytes with valid norms: decode cost does not
+depend on the values. (``gpu_bench.py`` adds SDPA, copy bandwidth and more.)
 
 Our cache is laid out as vLLM serves it by default (``--cache-layout vllm``):
 allocated uint8 [blocks, H, block_size, slot_bytes] and passed permuted to
@@ -39,8 +40,8 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from vllm_turboquant.kernels.decode import default_num_splits, paged_decode  # noqa: E402
-from vllm_turboquant.protected import ProtectedTokens  # noqa: E402
 from vllm_turboquant.layout import slot_layout  # noqa: E402
+from vllm_turboquant.protected import ProtectedTokens  # noqa: E402
 from vllm_turboquant.registry import CodebookRegistry  # noqa: E402
 
 LOG2E = 1.4426950408889634
@@ -142,7 +143,7 @@ def bf16_paged_decode(query, k_cache, v_cache, block_table, seq_lens, scale, num
 # ---------------------------------------------------------------------------
 
 def random_slots(num_blocks, block_size, H, layout, device, cache_layout="vllm"):
-    """Random code/sign bytes; norms, gamma = fp16 1.0 (random fp16 bytes could be inf/NaN).
+    """Random code/sign bytes; norm and gamma fields = fp16 1.0 (random fp16 bytes could be inf/NaN).
 
     Returns a [num_blocks, block_size, H, slot_bytes] cache: with ``cache_layout="vllm"`` a
     permuted view of vLLM's [num_blocks, H, block_size, slot_bytes] allocation, else contiguous.
@@ -186,7 +187,8 @@ def check_baseline(device) -> float:
 
 def time_ms(fn) -> float:
     if torch.cuda.is_available():
-        return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+        fn()  # compile outside the graph capture
+        return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
     import time
     fn()
     t0 = time.perf_counter()
@@ -194,17 +196,13 @@ def time_ms(fn) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def protected_for(block_table, ctx, H, D, block_size, sink, window, device):
-    """A pool with the sink and window copies of every sequence (as the planner leaves it), or None."""
+def protected_for(B, ctx, H, D, block_size, sink, window, device):
+    """An exact-copy cache with every sequence's copies (bf16; as vLLM's companion group holds them), or None."""
     if sink + window == 0:
         return None
-    B = block_table.shape[0]
-    pos = torch.cat([torch.arange(min(sink, ctx)), torch.arange(max(sink, ctx - window), ctx)]).to(device)
-    slots = block_table[:, pos // block_size].long() * block_size + pos % block_size  # (B, n)
-    entry = torch.full((block_table.numel() * block_size,), -1, dtype=torch.int32, device=device)
-    entry[slots.flatten()] = torch.arange(slots.numel(), dtype=torch.int32, device=device)
-    pool = torch.randn(slots.numel(), H, 2, D, device=device, dtype=torch.bfloat16)
-    return ProtectedTokens(sink, window, pool, entry)
+    per_seq = triton.cdiv(ctx, block_size)
+    copies = torch.randn(B * per_seq, block_size, H, 2 * D, device=device, dtype=torch.bfloat16)
+    return ProtectedTokens(sink, window, copies, torch.arange(B * per_seq, device=device).reshape(B, per_seq).int())
 
 
 def bench_point(preset, B, ctx, H, G, D, block_size, device, num_splits=None, cache_layout="vllm",
@@ -217,23 +215,30 @@ def bench_point(preset, B, ctx, H, G, D, block_size, device, num_splits=None, ca
     block_table = torch.randperm(num_blocks, device=device).reshape(B, blocks_per_seq).int()
     seq_lens = torch.full((B,), ctx, dtype=torch.int32, device=device)
     query = torch.randn(B, H * G, D, device=device, dtype=torch.bfloat16)
-    splits = num_splits or default_num_splits(B, H, torch.device(device))
+    splits = num_splits or default_num_splits(B, H, torch.device(device), ctx)
     scale = D ** -0.5
     out = torch.empty(B, H * G, D, dtype=torch.bfloat16, device=device)
-    prot = protected_for(block_table, ctx, H, D, block_size, *protected, device)
+    prot = protected_for(B, ctx, H, D, block_size, *protected, device)
     ours = time_ms(lambda: paged_decode(query, cache, block_table, seq_lens, tables, preset, scale,
                                         num_splits=splits, out=out, protected=prot))
-    del cache
+    cache = None  # free it before the bf16 caches  # noqa: F841
     k_cache = torch.randn(num_blocks, block_size, H, D, device=device, dtype=torch.bfloat16)
     v_cache = torch.randn_like(k_cache)
     base = time_ms(lambda: bf16_paged_decode(query, k_cache, v_cache, block_table, seq_lens, scale, splits))
-    del k_cache, v_cache
     tokens = B * ctx * H
     return dict(preset=preset, batch=B, context=ctx, kv_heads=H, gqa=G, head_dim=D, block_size=block_size,
-                cache_layout=cache_layout, splits=splits, sink=protected[0], window=protected[1], slot_bytes=layout.slot_bytes, us=ours * 1e3,
+                cache_layout=cache_layout, splits=splits, sink=protected[0], window=protected[1],
+                slot_bytes=layout.slot_bytes, us=ours * 1e3,
                 bf16_us=base * 1e3,
                 gbps=tokens * layout.slot_bytes / ours / 1e6, bf16_gbps=tokens * 4 * D / base / 1e6,
                 speedup=base / ours)
+
+
+def save_json(path: str | None, data) -> None:
+    """Write ``data`` as JSON to ``path`` (nothing when None)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=1)
 
 
 def main(argv=None) -> int:
@@ -245,12 +250,12 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--num-splits", type=int, default=None, help="default: default_num_splits(batch, heads)")
+    ap.add_argument("--num-splits", type=int, default=None, help="default: choose_num_splits(batch, heads, ctx)")
     ap.add_argument("--cache-layout", choices=["vllm", "contiguous"], default="vllm",
                     help="our cache: vLLM's [blocks, H, block_size, slot] permuted (default) or contiguous "
                          "[blocks, block_size, H, slot]")
     ap.add_argument("--protected", default="0,0",
-                    help="S,W protected tokens (sink, recent window) read from a bf16 pool; ';'-separated list")
+                    help="S,W protected tokens (sink, recent window) read from bf16 exact copies; ';'-separated list")
     ap.add_argument("--max-gb", type=float, default=40.0, help="skip points whose bf16 cache is larger")
     ap.add_argument("--quick", action="store_true", help="a handful of points (gpu_check.sh)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
@@ -286,11 +291,10 @@ def main(argv=None) -> int:
                     r = bench_point(preset, B, ctx, H, G, D, args.block_size, device, args.num_splits,
                                     args.cache_layout, prot)
                     rows.append(r)
-                    print(f"{preset:<16}{'%d,%d' % prot:>7}{B:>4}{ctx:>7}{G:>3}{r['splits']:>6}{r['us']:>10.1f}{r['bf16_us']:>10.1f}"
-                          f"{r['gbps']:>11.0f}{r['bf16_gbps']:>11.0f}{r['speedup']:>8.2f}x", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+                    print(f"{preset:<16}{f'{prot[0]},{prot[1]}':>7}{B:>4}{ctx:>7}{G:>3}{r['splits']:>6}{r['us']:>10.1f}"
+                          f"{r['bf16_us']:>10.1f}{r['gbps']:>11.0f}{r['bf16_gbps']:>11.0f}{r['speedup']:>8.2f}x",
+                          flush=True)
+    save_json(args.json, rows)
     return 0
 
 

@@ -26,13 +26,11 @@ if not torch.cuda.is_available():  # must precede the first triton import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton  # noqa: E402
-
 from decode_bench import time_ms  # noqa: E402  (one timer for both benchmarks; this folder is on sys.path)
+
 from vllm_turboquant.kernels.store import store  # noqa: E402
 from vllm_turboquant.layout import slot_layout  # noqa: E402
 from vllm_turboquant.registry import CodebookRegistry  # noqa: E402
-
-
 
 
 def bench_point(preset, N, H, D, block_size, device, cache_layout="vllm"):
