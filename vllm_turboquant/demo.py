@@ -13,6 +13,7 @@ SIGKILL of its process group) on success, error and Ctrl-C alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -80,7 +81,7 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("wb")
         try:
@@ -148,20 +149,15 @@ class Server:
             return
         if proc.poll() is None:
             proc.terminate()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
-        try:  # the engine-core child and any leftover of the group, which is ours alone (new session)
+        # the engine-core child and any leftover of the group, which is ours alone (new session)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -204,7 +200,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", default="turboquant3", choices=list(PRESETS), metavar="PRESET",
                         help=f"TurboQuant preset to serve with (default turboquant3; any of {', '.join(PRESETS)})")
     parser.add_argument("--port", type=int, default=None, help="port of the TurboQuant server (default: a free one)")
-    parser.add_argument("--question", default=DEFAULT_QUESTION, help=f"the chat question (default: {DEFAULT_QUESTION!r})")
+    parser.add_argument("--question", default=DEFAULT_QUESTION,
+                        help=f"the chat question (default: {DEFAULT_QUESTION!r})")
     parser.add_argument("--max-tokens", type=int, default=64, help="answer length limit in tokens (default 64)")
     parser.add_argument("--max-model-len", type=int, default=2048, help="--max-model-len of the servers (default 2048)")
     parser.add_argument("--no-baseline", action="store_true",
@@ -222,11 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _report_capacity(preset_name: str, tq_tokens: int | None, bf16_tokens: int | None, head_dim: int | None,
                      space: str, max_model_len: int = 2048) -> None:
+    from .backend.settings import load_settings
     from .layout import slot_layout
-    from .memory import bf16_bytes_per_token_head
+    from .memory import bf16_bytes_per_token_head, packed_capacity_ratio
     from .presets import get_preset
-    from .protected import pool_bytes_per_token
-    from .settings import load_settings
 
     print(f"\nKV cache capacity with VLLM_CPU_KVCACHE_SPACE={space} GiB, as logged by vLLM on this machine:")
     if bf16_tokens is not None:
@@ -238,13 +234,13 @@ def _report_capacity(preset_name: str, tq_tokens: int | None, bf16_tokens: int |
         slot = slot_layout(preset_name, head_dim).slot_bytes
         bf16 = bf16_bytes_per_token_head(head_dim)
         sink, window = load_settings().protected(get_preset(preset_name))
-        pool = pool_bytes_per_token(sink, window, 1, head_dim, 2, max_model_len)
         print(f"  bytes per token per KV head at head_dim {head_dim}: bf16 {bf16} B (K+V, 2 B each) vs "
               f"{preset_name} {slot} B = {bf16 / slot:.2f}x")
-        if pool:
-            print(f"  + its protected tokens (first {sink} and last {window} of each sequence attended exactly): "
-                  f"{pool:.1f} B of bf16 copies per token at --max-model-len {max_model_len} "
-                  f"= {bf16 / (slot + pool):.2f}x; the share shrinks as --max-model-len grows")
+        if sink + window:
+            ratio = packed_capacity_ratio(preset_name, head_dim, max_model_len, 128, sink, window)
+            print(f"  + its protected tokens (first {sink} and last {window} of each running sequence attended "
+                  f"exactly): bf16 copies in blocks vLLM counts per request, {ratio:.2f}x at --max-model-len "
+                  f"{max_model_len}; their share shrinks as --max-model-len grows")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -300,7 +296,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             print("   warning: the server log does not show the vllm-turboquant backend line")
         if calibrated:
-            print(f"   calibrated the codebooks at this first start in {calibrated.group(1)} s (cached for later starts)")
+            print(f"   calibrated the codebooks at this first start in {calibrated.group(1)} s "
+                  "(cached for later starts)")
 
         bf16_tokens = None
         if not args.no_baseline:

@@ -2,14 +2,20 @@
 
 One slot holds one token of one KV head::
 
-    [ key codes | key QJL signs | key n (fp16) | key gamma (fp16) | value codes | value n_v (fp16) | pad ]
+    [ key codes | key QJL signs | key n (√, fp16) | key gamma (fp16) | value codes | value n_v (√, fp16) | pad ]
 
 Fields that a preset does not use (signs and gamma without a QJL sketch) take
 zero bytes. Every field starts 2-byte aligned (padding only appears when a
-code field has an odd byte count, i.e. head_dim not a multiple of 16). Codes are bit-packed little-endian: coordinate j of a b-bit field
+code field has an odd byte count, i.e. head_dim not a multiple of 16).
+Codes are bit-packed little-endian: coordinate j of a b-bit field
 occupies bits [j*b, (j+1)*b) of the field read as one little-endian integer
 (so 3-bit codes put 8 coordinates in 3 bytes). Sign bits use the same rule with
 b = 1, bit set meaning +1.
+
+Norms (key n, value n_v) are stored as the fp16 of their square root (``encode_norm`` /
+``decode_norm``): 2 bytes as a plain fp16 norm would take, but the range reaches 65504² ≈ 4.29e9
+instead of 65504, so a norm that bf16 carries never becomes an fp16 inf (and attention a NaN).
+QJL γ (the norm of a unit vector's residual, at most 2) is a plain fp16.
 
 The torch reference, the CPU serving path and the Triton kernels all read
 their offsets from ``SlotLayout``; nothing else computes a byte offset.
@@ -18,6 +24,7 @@ their offsets from ``SlotLayout``; nothing else computes a byte offset.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 
@@ -121,6 +128,47 @@ def slot_layout(preset: Preset | str, head_dim: int) -> SlotLayout:
     )
 
 
+
+@dataclass(frozen=True)
+class CacheFormat:
+    """How one layer's paged cache is encoded: the preset and its slot layout at the layer's head
+    size, resolved once per layer (``cache_format``) and handed to the ops.
+
+    qjl_coefficient: λ √(π/2) / m, the factor of γ ⟨S Π q, s⟩ in a score (``presets.qjl_coefficient``;
+    0 without a sketch)."""
+
+    preset: Preset
+    layout: SlotLayout
+    qjl_coefficient: float
+
+    @property
+    def head_dim(self) -> int:
+        return self.layout.head_dim
+
+    def kernel_constants(self) -> dict[str, int]:
+        """The layout as Triton constexpr keyword arguments, plus the power-of-two tile widths
+        BLOCK_D (>= head_dim) and BLOCK_QJL (>= m, at least 16: a ``tl.dot`` operand's minimum)."""
+        def pow2(n: int) -> int:
+            return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+        return {**self.layout.constexprs(), "BLOCK_D": pow2(self.layout.head_dim),
+                "BLOCK_QJL": max(16, pow2(self.layout.qjl_dim))}
+
+
+@cache
+def _cache_format(preset: Preset, head_dim: int) -> CacheFormat:
+    return CacheFormat(preset, slot_layout(preset, head_dim), preset.qjl_coefficient(head_dim))
+
+
+def cache_format(preset: Preset | str | CacheFormat, head_dim: int) -> CacheFormat:
+    """The ``CacheFormat`` of ``preset`` (a record, a name in ``PRESETS``, or a format, returned as is
+    after checking its head size) at ``head_dim``. Raises ValueError for an unknown name or head size."""
+    if isinstance(preset, CacheFormat):
+        if preset.head_dim != head_dim:
+            raise ValueError(f"cache format for head_dim {preset.head_dim} used with head_dim {head_dim}")
+        return preset
+    return _cache_format(get_preset(preset), head_dim)
+
 # ---------------------------------------------------------------------------
 # Bit packing (vectorised torch; any leading shape)
 # ---------------------------------------------------------------------------
@@ -216,13 +264,66 @@ def read_fp16(slots: torch.Tensor, offset: int) -> torch.Tensor:
     return _fp16_from(slots[..., offset:offset + 2])
 
 
+# ---------------------------------------------------------------------------
+# Norm fields: fp16 of the square root (the one definition; kernels mirror it)
+# ---------------------------------------------------------------------------
+
+#: The largest finite fp16, the largest stored √n.
+FP16_MAX = 65504.0
+#: The largest norm a field holds: larger norms are stored as this (saturation).
+NORM_MAX = FP16_MAX * FP16_MAX  # 4_290_774_016
+#: Bound on the relative error of a stored norm in fp16's normal range (√n >= 2**-14, n >= 2**-28):
+#: √n is rounded to 11 significant bits (relative error <= 2**-11, plus 2**-24 from the float32 step),
+#: and squaring doubles it. A plain fp16 norm had 2**-11, but overflowed to inf above 65504.
+NORM_REL_ERROR = (1 + 2.0**-11 + 2.0**-24) ** 2 - 1
+
+
+def encode_norm(n: torch.Tensor) -> torch.Tensor:
+    """The stored form of norms n >= 0 (any float dtype, any shape): fp16 of √n.
+
+    √n is taken in float64, rounded to float32, saturated at 65504 (the largest finite fp16) and rounded to
+    fp16 to nearest even -- the cast torch makes from float64 to float16. So:
+
+    * n <= NORM_MAX (65504² ≈ 4.29e9): decoded within a relative ``NORM_REL_ERROR`` (≈ 2**-10) when
+      n >= 2**-28; below that √n is an fp16 subnormal, absolute error of the decoded n <= 2**-24 √n + 2**-50;
+    * n > NORM_MAX: stored as NORM_MAX (relative error 1 - NORM_MAX / n, finite);
+    * n < 2**-50 (√n below half the smallest fp16 subnormal), n = 0 included: an exact zero.
+
+    ``decode_norm(encode_norm(x))`` is idempotent: a decoded norm encodes to the same field."""
+    return n.to(torch.float64).sqrt().to(torch.float32).clamp(max=FP16_MAX).to(torch.float16)
+
+
+def decode_norm(stored: torch.Tensor) -> torch.Tensor:
+    """Norms (float32) from their stored form (``encode_norm``, fp16 or its float32 value): s².
+    Exact: s has 11 significant bits, s² at most 22, within float32's 24 (and 2**-48 <= s² <= NORM_MAX)."""
+    s = stored.to(torch.float32)
+    return s * s
+
+
+def stored_norm(n: torch.Tensor) -> torch.Tensor:
+    """n as a packed slot holds it: ``decode_norm(encode_norm(n))``, float32."""
+    return decode_norm(encode_norm(n))
+
+
+def _norm_bytes(n: torch.Tensor) -> torch.Tensor:
+    return encode_norm(n).contiguous().view(torch.uint8).reshape(*n.shape, 2)
+
+
+def read_norm(slots: torch.Tensor, offset: int) -> torch.Tensor:
+    """The norm field at ``offset`` (``key_norm`` / ``value_norm``) of slots (..., slot_bytes), decoded:
+    float32 (...)."""
+    return decode_norm(slots[..., offset:offset + 2].contiguous().view(torch.float16).squeeze(-1))
+
+
 @dataclass(frozen=True)
 class SlotFields:
     """The decoded fields of a batch of slots; leading shape (...) is the slots'.
 
     key_codes (..., d) int64, key_norm (...) float32, key_signs (..., m) float32
     of +-1 (m may be 0), key_gamma (...) float32 (zeros without a sketch),
-    value_codes (..., d) int64, value_norm (...) float32.
+    value_codes (..., d) int64, value_norm (...) float32. Norms are the decoded values
+    (``decode_norm``); ``pack_slots`` stores ``encode_norm`` of them, so a norm that already went
+    through ``stored_norm`` round-trips exactly.
     """
 
     key_codes: torch.Tensor
@@ -242,12 +343,12 @@ def pack_slots(fields: SlotFields, layout: SlotLayout) -> torch.Tensor:
         slots[..., offset:offset + data.shape[-1]] = data
 
     put(layout.key_codes, pack_bits(fields.key_codes, layout.key_bits))
-    put(layout.key_norm, _fp16_bytes(fields.key_norm))
+    put(layout.key_norm, _norm_bytes(fields.key_norm))
     if layout.has_qjl:
         put(layout.key_signs, pack_signs(fields.key_signs))
         put(layout.key_gamma, _fp16_bytes(fields.key_gamma))
     put(layout.value_codes, pack_bits(fields.value_codes, layout.value_bits))
-    put(layout.value_norm, _fp16_bytes(fields.value_norm))
+    put(layout.value_norm, _norm_bytes(fields.value_norm))
     return slots
 
 
@@ -269,9 +370,9 @@ def unpack_slots(slots: torch.Tensor, layout: SlotLayout) -> SlotFields:
         gamma = torch.zeros(lead, dtype=torch.float32, device=slots.device)
     return SlotFields(
         key_codes=unpack_bits(raw(layout.key_codes, layout.key_code_bytes), layout.key_bits, d),
-        key_norm=_fp16_from(raw(layout.key_norm, 2)),
+        key_norm=read_norm(slots, layout.key_norm),
         key_signs=signs,
         key_gamma=gamma,
         value_codes=unpack_bits(raw(layout.value_codes, layout.value_code_bytes), layout.value_bits, d),
-        value_norm=_fp16_from(raw(layout.value_norm, 2)),
+        value_norm=read_norm(slots, layout.value_norm),
     )

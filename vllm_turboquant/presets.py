@@ -96,17 +96,18 @@ def _row(name: str, key_bits: int, value_bits: int, **kw) -> tuple[str, Preset]:
 
 PRESETS: dict[str, Preset] = dict(
     [
-        # Recommended settings: Lloyd-Max codes for keys and values; the first 4 tokens and the
-        # 64 (2-bit: 128) most recent ones attended exactly (README: "Protected tokens"); codebooks
-        # and key means calibrated to the model at its first start (README: "Calibration").
+        # Recommended settings: Lloyd-Max codes for keys and values; the first 4 tokens and the 64
+        # (2-bit: 128) most recent ones attended exactly (protected.py); codebooks and key means
+        # calibrated to the model at its first start (calibrate.py). What each budget holds is the
+        # measured frontier (docs/results.md, "Preset frontier").
         _row("turboquant4", 4, 4, sink=4, window=64, auto_calibrate=True,
              description="4-bit Lloyd-Max keys and values"),
-        # 3 bits on average: keys get 4 (softmax exponentiates their error), values 2 (README:
-        # "Preset frontier": K4V2 beats K3V3 by 12.7 points on Gemma-3, within 1 on SmolLM2).
+        # 3 bits on average: keys get 4 (softmax exponentiates their error), values 2 (K4V2 beats K3V3
+        # by 12.7 points on Gemma-3 and is within 1 on SmolLM2).
         _row("turboquant3", 4, 2, sink=4, window=64, auto_calibrate=True,
              description="4-bit Lloyd-Max keys, 2-bit values"),
-        # 2 bits on average: keys 3, values 1, by the same rule (README: "Preset frontier": K3V1 +7.3%
-        # vs K2V2 +36.6% on Gemma-3, +13.3% vs +6.6% on SmolLM2: the worst case over the two models).
+        # 2 bits on average: keys 3, values 1, by the same rule (K3V1 +7.3% vs K2V2 +36.6% on Gemma-3,
+        # +13.3% vs +6.6% on SmolLM2: the worst case over the two models).
         _row("turboquant2", 3, 1, sink=4, window=128, auto_calibrate=True,
              description="3-bit Lloyd-Max keys, 1-bit values"),
         # The paper's TurboQuant_prod exactly: (b-1)-bit keys + 1-bit QJL (m = d, lambda = 1).
@@ -132,3 +133,17 @@ def get_preset(name: str | Preset) -> Preset:
         raise ValueError(
             f"unknown TurboQuant preset {name!r}; accepted: {', '.join(PRESETS)}"
         ) from None
+
+
+def register_preset(preset: Preset) -> Preset:
+    """Add a preset that is not one of the shipped rows (e.g. an evaluation candidate) to ``PRESETS``.
+
+    Registering the same record twice is a no-op; a name already taken by a different record raises
+    ValueError. To serve it, use ``vllm_turboquant.backend.register_preset``, which also tells vLLM."""
+    if not isinstance(preset, Preset):
+        raise TypeError(f"register_preset takes a Preset, got {type(preset).__name__}")
+    known = PRESETS.get(preset.name)
+    if known is not None and known != preset:
+        raise ValueError(f"preset name {preset.name!r} is taken by {known}")
+    PRESETS[preset.name] = preset
+    return preset

@@ -1,8 +1,9 @@
-"""Torch reference of TurboQuant: encode K/V into packed slots, paged decode and
-causal prefill attention read from them.
+"""Torch reference of TurboQuant: the ``torch`` implementation of ``ops.AttentionOps`` (encode K/V into
+packed slots, paged decode and causal prefill attention read from them).
 
 This is the ground truth the Triton kernels and the CPU serving path are
-tested against: written for clarity, vectorised over tokens and heads.
+tested against: written for clarity, vectorised over tokens and heads. The three
+operations' contract (shapes, dtypes, errors) is documented once, in ``ops.AttentionOps``.
 
 Shapes: N tokens, H KV heads, Hq = H * G query heads (GQA group G), d head_dim,
 m QJL sketch size. Paged caches are uint8 ``[num_blocks, block_size, H, slot_bytes]``
@@ -30,13 +31,25 @@ from dataclasses import dataclass
 
 import torch
 
-from .layout import (SlotFields, SlotLayout, pack_slots, read_fp16, slot_layout, unpack_lookup, unpack_slots,
-                     word_table)
-from .presets import Preset, get_preset
-from .protected import ProtectedTokens, exact_rows, protected_mask, write_pool
+from .layout import (
+    CacheFormat,
+    SlotFields,
+    SlotLayout,
+    cache_format,
+    pack_slots,
+    read_fp16,
+    read_norm,
+    stored_norm,
+    unpack_lookup,
+    unpack_slots,
+    word_table,
+)
+from .presets import Preset
+from .protected import ProtectedTokens, exact_rows, protected_mask, protected_positions
 from .registry import LayerTables
 
-
+#: This module's name in ``ops.IMPLEMENTATIONS``.
+NAME = "torch"
 ACC = torch.float64  # the computation dtype (see the module docstring)
 _SIGN_VALUES = torch.tensor([[-1.0, 1.0]], dtype=ACC)  # sign bit 0 -> -1, 1 -> +1
 
@@ -95,49 +108,52 @@ def _f16(t: torch.Tensor) -> torch.Tensor:
 
 
 def encode(key: torch.Tensor, value: torch.Tensor, tables: LayerTables, preset: Preset | str) -> SlotFields:
-    """Encode key/value (N, H, d) into slot fields (norms rounded to fp16 as stored)."""
+    """Encode key/value (N, H, d) into slot fields (norms as stored: ``layout.stored_norm``; γ rounded to fp16)."""
     codes, n, y = quantize(key.to(ACC) - tables.key_mean.to(ACC), tables.key_rotation, tables.key_boundaries)
     if tables.qjl.shape[1]:
         signs, gamma = sketch(y, codes, tables.key_centroids, tables.qjl)
     else:
         signs, gamma = n.new_zeros(*n.shape, 0), torch.zeros_like(n)
     vcodes, nv, _ = quantize(value, tables.value_rotation, tables.value_boundaries)
-    return SlotFields(key_codes=codes, key_norm=_f16(n), key_signs=signs, key_gamma=_f16(gamma),
-                      value_codes=vcodes, value_norm=_f16(nv))
+    return SlotFields(key_codes=codes, key_norm=stored_norm(n), key_signs=signs, key_gamma=_f16(gamma),
+                      value_codes=vcodes, value_norm=stored_norm(nv))
 
 
-def encode_slots(key: torch.Tensor, value: torch.Tensor, tables: LayerTables, preset: Preset | str) -> torch.Tensor:
+def encode_slots(key: torch.Tensor, value: torch.Tensor, tables: LayerTables,
+                 fmt: CacheFormat | Preset | str) -> torch.Tensor:
     """Encode key/value (N, H, d) into uint8 slots (N, H, slot_bytes)."""
-    preset = get_preset(preset)
-    return pack_slots(encode(key, value, tables, preset), slot_layout(preset, key.shape[-1]))
+    fmt = cache_format(fmt, key.shape[-1])
+    return pack_slots(encode(key, value, tables, fmt.preset), fmt.layout)
 
 
 def write_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                tables: LayerTables, preset: Preset | str, protected: ProtectedTokens | None = None,
-                entries: torch.Tensor | None = None) -> None:
-    """Encode N new tokens and store them in place at flat slot indices (block * block_size + offset).
-
-    cache: uint8 [num_blocks, block_size, H, slot_bytes], any strides (vLLM's block-head-token
-    cache permuted to this order works as is); slot_mapping (N,), negative = skip (padding).
-    With ``protected``, token i's exact copy also goes to pool row entries[i] (-1 = none).
-    """
-    if protected is not None and entries is not None:
-        write_pool(protected.pool, entries, key, value, tables)
+                tables: LayerTables, fmt: CacheFormat, protected: ProtectedTokens | None = None,
+                exact_slot_mapping: torch.Tensor | None = None) -> None:
+    """``ops.AttentionOps.write_cache``: the fields encoded in float64 (``encode``), packed by ``pack_slots``;
+    exact copies by ``protected.exact_rows``. (A preset name for ``fmt`` is accepted too.)"""
+    if protected is not None and exact_slot_mapping is not None:
+        n = min(exact_slot_mapping.shape[0], key.shape[0])
+        keep = exact_slot_mapping[:n] >= 0
+        index = exact_slot_mapping[:n][keep].long()
+        bs = protected.cache.shape[1]
+        protected.cache[index // bs, index % bs] = exact_rows(key[:n][keep], value[:n][keep], tables,
+                                                             protected.cache.dtype)
     keep = slot_mapping >= 0
-    slots = encode_slots(key[keep], value[keep], tables, preset)
+    slots = encode_slots(key[keep], value[keep], tables, fmt)
     index = slot_mapping[keep].long()
     block_size = cache.shape[1]
     cache[index // block_size, index % block_size] = slots
 
 
-def dequantize(fields: SlotFields, tables: LayerTables, preset: Preset | str) -> tuple[torch.Tensor, torch.Tensor]:
+def dequantize(fields: SlotFields, tables: LayerTables, fmt: CacheFormat | Preset | str
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense keys and values (..., H, d) equivalent to the estimator.
 
     The returned key k satisfies ⟨q, k⟩ = the preset's score estimate for every q
     (code term, QJL term with its λ, and the key mean), so dense attention with
     these tensors is the same computation as attention from the slots.
     """
-    coef = get_preset(preset).qjl_coefficient(tables.key_rotation.shape[-1])
+    coef = cache_format(fmt, tables.key_rotation.shape[-1]).qjl_coefficient
     k = reconstruct(fields.key_codes, fields.key_norm, tables.key_rotation, tables.key_centroids,
                     fields.key_signs, fields.key_gamma, tables.qjl, coef) + tables.key_mean
     v = reconstruct(fields.value_codes, fields.value_norm, tables.value_rotation, tables.value_centroids)
@@ -184,43 +200,20 @@ def gather_slots(cache: torch.Tensor, block_table: torch.Tensor, length: int) ->
     return cache[block_table[:, :n].long()].reshape(B, n * block_size, H, nbytes)[:, :length]
 
 
-def _slot_index(block_table: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Flat cache slots (block * block_size + offset) of positions pos: (n,) for every sequence,
-    or (B, n) one row per sequence. Returns (B, n) int64."""
-    blocks = block_table[:, pos // block_size] if pos.dim() == 1 else torch.gather(block_table, 1, pos // block_size)
-    return blocks.long() * block_size + pos % block_size
-
-
-def _prefix_copies(protected: ProtectedTokens, block_table: torch.Tensor, block_size: int, ctx: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exact copies a chunk starting at position ctx may read from its prefix (one sequence,
-    block_table (1, max_blocks)): the sink and the first query's window, where they have copies.
-    Returns their positions (n,) and rows (n, H, 2, d) in ACC."""
-    S, W = protected.sink, protected.window
-    dev = block_table.device
-    window_start = min(max(S, ctx - W + 1), ctx)
-    pos = torch.cat([torch.arange(min(S, ctx), device=dev), torch.arange(window_start, ctx, device=dev)])
-    entry = protected.entry_of_slot.long()[_slot_index(block_table, pos, block_size)[0]]
-    has = entry >= 0
-    return pos[has], protected.pool[entry[has]].to(ACC)
-
-
-def _decode_exact(protected: ProtectedTokens, block_table: torch.Tensor, block_size: int, seq_lens: torch.Tensor
+def _decode_exact(protected: ProtectedTokens, seq_lens: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The protected positions with a copy of every decode query (at seq_len - 1): sequence and
-    position indices (n,) and their rows (n, H, 2, d) in ACC."""
+    """The protected positions of every decode query (at seq_len - 1): sequence and position indices (n,)
+    and their exact copies (n, H, 2 d) in ACC."""
     S, W = protected.sink, protected.window
-    dev = block_table.device
+    dev = seq_lens.device
     cand = torch.cat([torch.arange(S, device=dev), torch.arange(-W, 0, device=dev)])
     sink_part = torch.arange(S + W, device=dev) < S
     lens = seq_lens.long().unsqueeze(-1)
     pos = torch.where(sink_part, cand, lens + cand)  # (B, S + W)
     ok = (pos >= 0) & (pos < lens) & (sink_part | (pos >= S))  # window positions < S are sink ones
-    pos = torch.where(ok, pos, 0)
-    entry = protected.entry_of_slot.long()[_slot_index(block_table.long(), pos, block_size)]
-    ok &= entry >= 0
     b_idx, j = torch.nonzero(ok, as_tuple=True)
-    return b_idx, pos[b_idx, j], protected.pool[entry[b_idx, j]].to(ACC)
+    p_idx = pos[b_idx, j]
+    return b_idx, p_idx, protected.rows(b_idx, p_idx).to(ACC)
 
 
 def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
@@ -256,14 +249,15 @@ class _Tokens:
 
     def put_exact(self, batch: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor) -> None:
         """Read the tokens at (sequence, position) = (batch, pos) (n,) from exact rotated rows
-        (n, H, 2, d) instead: norm 1, no QJL term."""
+        (n, H, 2 d) instead: norm 1, no QJL term."""
         at = (batch, slice(None), pos)
-        self.key[at], self.value[at] = rows[:, :, 0].to(ACC), rows[:, :, 1].to(ACC)
+        d = rows.shape[-1] // 2
+        self.key[at], self.value[at] = rows[..., :d].to(ACC), rows[..., d:].to(ACC)
         self.key_norm[at] = self.value_norm[at] = 1.0
         if self.gamma is not None:
             self.gamma[at] = 0.0
 
-    def first(self, n: int) -> "_Tokens":
+    def first(self, n: int) -> _Tokens:
         """The first n tokens (views)."""
         return _Tokens(self.key[..., :n, :], self.key_norm[..., :n],
                        None if self.signs is None else self.signs[..., :n, :],
@@ -283,9 +277,9 @@ def _read_tokens(slots: torch.Tensor, lay: SlotLayout, acc: _AccTables) -> _Toke
         signs = codes("signs", lay.key_signs, lay.sign_bytes, 1, lay.qjl_dim)
         gamma = read_fp16(slots, lay.key_gamma).to(ACC)
     return _Tokens(key=codes("key", lay.key_codes, lay.key_code_bytes, lay.key_bits, lay.head_dim),
-                   key_norm=read_fp16(slots, lay.key_norm).to(ACC), signs=signs, gamma=gamma,
+                   key_norm=read_norm(slots, lay.key_norm).to(ACC), signs=signs, gamma=gamma,
                    value=codes("value", lay.value_codes, lay.value_code_bytes, lay.value_bits, lay.head_dim),
-                   value_norm=read_fp16(slots, lay.value_norm).to(ACC))
+                   value_norm=read_norm(slots, lay.value_norm).to(ACC))
 
 
 def _scores(q_rot: torch.Tensor, tok: _Tokens, t: LayerTables, coef: float) -> torch.Tensor:
@@ -325,31 +319,25 @@ def _unrotate(acc: torch.Tensor, t: LayerTables) -> torch.Tensor:
 
 
 def paged_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                 tables: LayerTables, preset: Preset | str, scale: float,
+                 tables: LayerTables, fmt: CacheFormat, scale: float,
                  sliding_window: int | None = None, protected: ProtectedTokens | None = None) -> torch.Tensor:
-    """One new query per sequence against its cached tokens, read from packed slots.
-
-    query (B, Hq, d); block_table (B, max_blocks) int; seq_lens (B,) tokens in the
-    cache, the query's own included (it sits at position seq_len - 1).
-    Scores use the rotated query; values are accumulated in the rotated space and
-    un-rotated once per query head. With ``protected``, protected keys that have an exact
-    copy are read from it (as a rotated vector of norm 1 without QJL term).
-    Returns float32 (B, Hq, d); empty sequences give zeros.
-    """
-    preset = get_preset(preset)
+    """``ops.AttentionOps.paged_decode``, all sequences at once: slots gathered head-major and decoded to
+    centroid values, protected positions with a copy overwritten by their exact rotated rows (norm 1, no
+    QJL term), scores and value sums as batched float64 matmuls. (A preset name for ``fmt`` is accepted.)"""
+    fmt = cache_format(fmt, query.shape[-1])
     B, Hq, d = query.shape
     acc = _in_acc(tables)
     t = acc.tables
     H = t.num_heads
     L = int(seq_lens.max()) if B else 0
-    tok = _read_tokens(gather_slots(cache, block_table, L).transpose(1, 2), slot_layout(preset, d), acc)
+    tok = _read_tokens(gather_slots(cache, block_table, L).transpose(1, 2), fmt.layout, acc)
     if protected is not None and protected.sink + protected.window > 0 and L:
         # only the (at most S + W) protected positions of each sequence are touched
-        b_idx, p_idx, rows = _decode_exact(protected, block_table, cache.shape[1], seq_lens)
+        b_idx, p_idx, rows = _decode_exact(protected, seq_lens)
         tok.put_exact(b_idx, p_idx, rows)
 
     q_rot = torch.einsum("bhgd,hed->bhge", query.to(ACC).reshape(B, H, Hq // H, d), t.key_rotation)
-    scores = _scores(q_rot, tok, t, preset.qjl_coefficient(d))  # (B, H, G, L)
+    scores = _scores(q_rot, tok, t, fmt.qjl_coefficient)  # (B, H, G, L)
     k_pos = torch.arange(L, device=query.device)
     visible = (k_pos < seq_lens.unsqueeze(-1)) & _visible(seq_lens.unsqueeze(-1) - 1, k_pos, sliding_window)
     out = _attend([(scores, visible[:, None, None, :], tok.value, tok.value_norm.unsqueeze(-2))], scale)
@@ -399,33 +387,26 @@ QUERY_BLOCK = 256
 
 def prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor,
             block_table: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-            tables: LayerTables, preset: Preset | str, scale: float, sliding_window: int | None = None,
-            compressed_chunk: bool = False, protected: ProtectedTokens | None = None) -> torch.Tensor:
-    """Causal attention for chunks of new tokens over a compressed cached prefix.
-
-    query (T, Hq, d), key/value (T, H, d): the new tokens of all sequences, packed;
-    sequence b owns rows query_start_loc[b]:query_start_loc[b+1] and has seq_lens[b]
-    tokens in total, the new ones last (they must already be written to the cache).
-    The prefix is read from the slots; the chunk's own K/V are exact, or read from
-    the slots too when ``compressed_chunk`` (what decode would see). With ``protected``,
-    a protected prefix key with an exact copy is read from it, and with ``compressed_chunk``
-    a protected chunk key from its own exact row (``protected.exact_rows``, what the pool
-    holds). Returns (T, Hq, d).
+            tables: LayerTables, fmt: CacheFormat, scale: float, sliding_window: int | None = None,
+            compressed_chunk: bool = False, protected: ProtectedTokens | None = None,
+            max_query_len: int | None = None) -> torch.Tensor:
+    """``ops.AttentionOps.prefill``. (A preset name for ``fmt`` is accepted; ``max_query_len`` is not needed.)
 
     Reading the slots, this is decode's computation for a block of queries at a time: rotated
     queries score against centroid values, values are summed in the rotated space. An exact copy
     is an extra key column, read by the queries that protect it; the slot's column is masked
-    for them.
+    for them. A chunk that attends to its own exact K/V without protected tokens (vLLM's usual
+    semantics) goes through torch's fused float32 attention over the dequantised prefix.
     """
-    preset = get_preset(preset)
+    fmt = cache_format(fmt, query.shape[-1])
     T, Hq, d = query.shape
-    layout = slot_layout(preset, d)
+    layout = fmt.layout
     out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
     guard = protected is not None and protected.sink + protected.window > 0
     acc = _in_acc(tables)
     t = acc.tables
     H, G = t.num_heads, Hq // t.num_heads
-    coef = preset.qjl_coefficient(d)
+    coef = fmt.qjl_coefficient
     dev = query.device
     q_rot = chunk_rows = None
     for b in range(len(seq_lens)):
@@ -437,7 +418,7 @@ def prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: 
             k, v = key[start:stop].float(), value[start:stop].float()
             if ctx:
                 k0, v0 = dequantize(unpack_slots(gather_slots(cache, block_table[b:b + 1], ctx)[0], layout),
-                                    tables, preset)
+                                    tables, fmt)
                 k, v = torch.cat([k0, k]), torch.cat([v0, v])
             out[start:stop] = fused_attention(query[start:stop], k, v, scale, torch.arange(ctx, L, device=dev),
                                               sliding_window)
@@ -445,17 +426,23 @@ def prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: 
         if q_rot is None:  # every query of the batch rotated once: (H, T * G, d), row t * G + g
             q = query.to(ACC).reshape(T, H, G, d).transpose(0, 1).reshape(H, T * G, d)
             q_rot = torch.einsum("hmd,hed->hme", q, t.key_rotation)
-            if guard or not compressed_chunk:
-                chunk_rows = exact_rows(key, value, tables, protected.pool.dtype if compressed_chunk else ACC)
+            if not compressed_chunk:  # the chunk's own K/V as exact rotated rows (not rounded)
+                chunk_rows = exact_rows(key, value, tables, ACC)
+            elif guard:  # the chunk's own copies, rounded as write_cache stores them
+                chunk_rows = exact_rows(key, value, tables, protected.cache.dtype)
         tok = _read_tokens(gather_slots(cache, block_table[b:b + 1], L).transpose(1, 2), layout, acc)  # (1, H, L, .)
         if not compressed_chunk:  # the chunk's own K/V, exactly (as rotated rows)
             tok.put_exact(torch.zeros(L - ctx, dtype=torch.long, device=dev), torch.arange(ctx, L, device=dev),
                           chunk_rows[start:stop])
-        if guard:  # the exact copies its queries may read, and which positions have one
-            pos, rows = _prefix_copies(protected, block_table[b:b + 1], cache.shape[1], ctx)
-            if compressed_chunk:
-                pos = torch.cat([pos, torch.arange(ctx, L, device=dev)])
-                rows = torch.cat([rows, chunk_rows[start:stop].to(ACC)])
+        if guard:  # the exact copies its queries read: the prefix's from the cache, the chunk's own from its K/V
+            S, W = protected.sink, protected.window
+            pos = protected_positions(ctx, L, S, W).to(dev)
+            prefix = pos[pos < ctx]
+            rows = protected.rows(torch.full_like(prefix, b), prefix)
+            if compressed_chunk:  # (without compression the chunk's keys are exact in tok already)
+                chunk = pos[pos >= ctx]
+                rows = torch.cat([rows, chunk_rows[start + chunk - ctx]])
+            pos, rows = pos if compressed_chunk else prefix, rows.to(ACC)  # rows (n, H, 2 d)
             has = torch.zeros(L, dtype=torch.bool, device=dev)
             has[pos] = True
         for lo in range(ctx, L, QUERY_BLOCK):  # queries at positions [lo, hi)
@@ -466,14 +453,13 @@ def prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: 
             n_slots = hi  # slot columns: the keys some query of the block may read from its slot
             parts = []
             if guard:
-                S, W = protected.sink, protected.window
                 if bool(has[max(hi - W, 0):hi].all()):
                     n_slots = max(hi - W, 0)  # every query of the block reads these keys exactly
                 sel = (pos < S) | ((pos > lo - W) & (pos < hi))
-                e_pos, e_rows = pos[sel], rows[sel].transpose(0, 1).unsqueeze(0)  # (1, H, copies, 2, d)
+                e_pos, e_rows = pos[sel], rows[sel].transpose(0, 1).unsqueeze(0)  # (1, H, copies, 2 d)
                 use = protected_mask(q_pos, e_pos, S, W) & _visible(q_pos, e_pos, sliding_window)
-                parts.append((qr @ e_rows[..., 0, :].transpose(-1, -2), use.repeat_interleave(G, 0),
-                              e_rows[..., 1, :], None))
+                parts.append((qr @ e_rows[..., :d].transpose(-1, -2), use.repeat_interleave(G, 0),
+                              e_rows[..., d:], None))
             k_pos = torch.arange(n_slots, device=dev)
             read = _visible(q_pos, k_pos, sliding_window)
             if guard:

@@ -12,9 +12,9 @@ worker takes its slice with ``LayerTables.heads``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -50,10 +50,10 @@ class LayerTables:
     value_centroids: torch.Tensor
     key_mean: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "LayerTables":
+    def to(self, device: torch.device | str) -> LayerTables:
         return LayerTables(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
-    def heads(self, start: int, stop: int) -> "LayerTables":
+    def heads(self, start: int, stop: int) -> LayerTables:
         """The tables of global KV heads [start, stop) (a tensor-parallel worker's slice)."""
         return LayerTables(**{f.name: getattr(self, f.name)[start:stop] for f in fields(self)})
 
@@ -102,7 +102,7 @@ class CodebookRegistry:
 
     @classmethod
     def default(cls, preset: str | Preset, head_dim: int, num_layers: int, num_kv_heads: int,
-                seed: int = 0, rotation: RotationKind = "haar", model: str = "") -> "CodebookRegistry":
+                seed: int = 0, rotation: RotationKind = "haar", model: str = "") -> CodebookRegistry:
         """The data-oblivious registry."""
         preset = get_preset(preset)
         return cls(RegistrySpec(preset.name, head_dim, num_layers, num_kv_heads, seed, rotation, model), preset=preset)
@@ -163,7 +163,7 @@ def load_registry(path: str | Path, *, model: str | None = None, preset: str | N
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(_META_KEY)
-            tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("_")}
+            tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("_")}  # noqa: SIM118
     except Exception as exc:  # safetensors raises several types for a damaged file
         raise CalibrationError(f"calibration file {str(path)!r} is not a readable safetensors file: {exc}") from exc
     if raw is None:
@@ -222,7 +222,7 @@ def calibrate(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], pres
     n, H, d = keys[0].shape
     base = CodebookRegistry.default(preset, d, len(keys), H, seed, rotation, model)
     out: dict[str, list[torch.Tensor]] = {name: [] for name in _CALIBRATED}
-    for layer, (k, v) in enumerate(zip(keys, values)):
+    for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
         if k.shape[1:] != (H, d) or v.shape[1:] != (H, d):
             raise ValueError(f"layer {layer}: keys {tuple(k.shape)} / values {tuple(v.shape)}, expected (N, {H}, {d})")
         t = base.layer(layer)

@@ -1,54 +1,13 @@
 """The torch reference: paged decode from packed slots against dense attention over the
 dequantised (estimator-equivalent) K/V, prefill consistency, cache writes."""
 
-import dataclasses
 
 import pytest
 import torch
 
+from support import dense_decode, make_paged, registry_tables, rel_err
 from vllm_turboquant import reference as R
 from vllm_turboquant.layout import slot_layout, unpack_slots
-from vllm_turboquant.registry import CodebookRegistry
-
-
-def make_tables(preset, d, H, key_mean=False):
-    t = CodebookRegistry.default(preset, d, 1, H, seed=3).layer(0)
-    if key_mean:
-        t = dataclasses.replace(t, key_mean=torch.randn(H, d) * 2)
-    return t
-
-
-def make_paged(preset, d, H, seq_lens, block_size, tables, num_blocks=None):
-    """A cache with random tokens written through a random block table; returns (cache, block_table, K, V)."""
-    B = len(seq_lens)
-    max_blocks = max(1, -(-max(seq_lens) // block_size))
-    num_blocks = num_blocks or B * max_blocks + 3
-    cache = torch.zeros(num_blocks, block_size, H, slot_layout(preset, d).slot_bytes, dtype=torch.uint8)
-    block_table = torch.randperm(num_blocks)[: B * max_blocks].reshape(B, max_blocks).int()
-    keys, values = [], []
-    for b, L in enumerate(seq_lens):
-        k = torch.randn(L, H, d) * 2 + torch.randn(1, H, d)  # an offset, as real keys have
-        v = torch.randn(L, H, d)
-        pos = torch.arange(L)
-        R.write_cache(cache, (block_table[b, pos // block_size] * block_size + pos % block_size).long(), k, v,
-                      tables, preset)
-        keys.append(k), values.append(v)
-    return cache, block_table, keys, values
-
-
-def dense_decode(q, cache, block_table, seq_lens, tables, preset, scale, window=None):
-    lay = slot_layout(preset, q.shape[-1])
-    outs = []
-    for b, L in enumerate(seq_lens):
-        k, v = R.dequantize(unpack_slots(R.gather_slots(cache, block_table[b:b + 1], L)[0], lay), tables, preset)
-        outs.append(R.dense_attention(q[b:b + 1].double(), k.double(), v.double(), scale,
-                                      torch.tensor([L - 1]), window).float())
-    return torch.cat(outs)
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-
 
 CASES = [(g, d) for g in (1, 3, 8) for d in (64, 128, 256)]
 
@@ -58,7 +17,7 @@ CASES = [(g, d) for g in (1, 3, 8) for d in (64, 128, 256)]
 def test_paged_decode_equals_dense_attention_over_dequantised_kv(group, d, preset):
     H = 2
     seq_lens = [37, 1, 16, 50, 0]
-    tables = make_tables(preset, d, H, key_mean=(d == 128))
+    tables = registry_tables(preset, d, H, key_mean=(d == 128))
     cache, bt, _, _ = make_paged(preset, d, H, seq_lens, 16, tables)
     q = torch.randn(len(seq_lens), H * group, d)
     out = R.paged_decode(q, cache, bt, torch.tensor(seq_lens), tables, preset, d ** -0.5)
@@ -72,7 +31,7 @@ def test_paged_decode_sliding_window_and_block_sizes(preset):
     d, H, group = 64, 1, 4
     for block_size in (16, 32, 64):
         seq_lens = [100, 7, 64]
-        tables = make_tables(preset, d, H)
+        tables = registry_tables(preset, d, H)
         cache, bt, _, _ = make_paged(preset, d, H, seq_lens, block_size, tables)
         q = torch.randn(3, H * group, d)
         for window in (None, 1, 20):
@@ -83,7 +42,7 @@ def test_paged_decode_sliding_window_and_block_sizes(preset):
 
 def test_window_of_one_returns_the_own_value():
     preset, d = "turboquant4", 64
-    tables = make_tables(preset, d, 1)
+    tables = registry_tables(preset, d, 1)
     cache, bt, _, _ = make_paged(preset, d, 1, [30], 16, tables)
     out = R.paged_decode(torch.randn(1, 2, d), cache, bt, torch.tensor([30]), tables, preset, 1.0, sliding_window=1)
     lay = slot_layout(preset, d)
@@ -97,7 +56,7 @@ def test_quantised_attention_approaches_exact_attention_with_more_bits():
     q = torch.randn(1, H * 2, d) * 2
     errors = []
     for preset in ("turboquant2", "turboquant3", "turboquant4"):
-        tables = make_tables(preset, d, H)
+        tables = registry_tables(preset, d, H)
         torch.manual_seed(1)
         cache, bt, keys, values = make_paged(preset, d, H, [200], 16, tables)
         out = R.paged_decode(q, cache, bt, torch.tensor([200]), tables, preset, d ** -0.5)
@@ -112,7 +71,7 @@ def test_compressed_prefill_matches_decode_and_chunking(preset):
     """With compressed_chunk, prefill of the last token equals decode, and splitting a prompt
     into chunks gives the same outputs as one pass."""
     d, H, group, bs = 64, 2, 2, 16
-    tables = make_tables(preset, d, H, key_mean=True)
+    tables = registry_tables(preset, d, H, key_mean=True)
     L = 45
     cache, bt, keys, values = make_paged(preset, d, H, [L], bs, tables)
     q = torch.randn(L, H * group, d)
@@ -130,7 +89,7 @@ def test_compressed_prefill_matches_decode_and_chunking(preset):
 
 def test_prefill_with_exact_chunk_uses_exact_new_tokens_and_compressed_prefix():
     preset, d, H = "turboquant3", 64, 1
-    tables = make_tables(preset, d, H)
+    tables = registry_tables(preset, d, H)
     seq_lens, new = [40, 10], [8, 10]  # seq 0 has a 32-token cached prefix; seq 1 is a fresh prompt
     cache, bt, keys, values = make_paged(preset, d, H, seq_lens, 16, tables)
     q = torch.randn(sum(new), H * 3, d)
@@ -147,7 +106,7 @@ def test_prefill_with_exact_chunk_uses_exact_new_tokens_and_compressed_prefix():
 
 def test_write_cache_skips_padding_slots_and_writes_exact_bytes():
     preset, d, H = "turboquant2_qjl", 64, 2
-    tables = make_tables(preset, d, H)
+    tables = registry_tables(preset, d, H)
     cache = torch.zeros(4, 16, H, slot_layout(preset, d).slot_bytes, dtype=torch.uint8)
     k, v = torch.randn(3, H, d), torch.randn(3, H, d)
     R.write_cache(cache, torch.tensor([5, -1, 17]), k, v, tables, preset)
@@ -158,7 +117,7 @@ def test_write_cache_skips_padding_slots_and_writes_exact_bytes():
 
 def test_encode_codes_are_nearest_centroids():
     preset, d, H = "turboquant4", 128, 3
-    tables = make_tables(preset, d, H)
+    tables = registry_tables(preset, d, H)
     k = torch.randn(50, H, d) * 4
     f = R.encode(k, torch.randn(50, H, d), tables, preset)
     y = torch.einsum("nhd,hed->nhe", k / k.norm(dim=-1, keepdim=True), tables.key_rotation)
@@ -170,7 +129,7 @@ def test_encode_codes_are_nearest_centroids():
 def test_block_head_token_cache_views_work_like_contiguous_caches():
     """vLLM's CPU cache is [blocks, H, block_size, slot]; its permuted view serves the reference as is."""
     preset, d, H = "turboquant3_qjl", 64, 2
-    tables = make_tables(preset, d, H)
+    tables = registry_tables(preset, d, H)
     sb = slot_layout(preset, d).slot_bytes
     bhn = torch.zeros(6, H, 16, sb, dtype=torch.uint8)
     view = bhn.permute(0, 2, 1, 3)
@@ -190,4 +149,5 @@ def test_fused_attention_equals_dense_attention():
     q, k, v = torch.randn(7, 6, 64), torch.randn(20, 2, 64), torch.randn(20, 2, 64)
     for window in (None, 4):
         pos = torch.arange(13, 20)
-        assert rel_err(R.fused_attention(q, k, v, 0.125, pos, window), R.dense_attention(q, k, v, 0.125, pos, window)) < 1e-5
+        fused = R.fused_attention(q, k, v, 0.125, pos, window)
+        assert rel_err(fused, R.dense_attention(q, k, v, 0.125, pos, window)) < 1e-5

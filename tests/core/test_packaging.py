@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 
 
@@ -94,9 +94,10 @@ def test_copied_files_build_a_wheel_vllm_discovers(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         entry_points = next(z.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "vllm_turboquant/plugin.py" in names and "vllm_turboquant/data/codebooks.json" in names
+    assert "vllm_turboquant/backend/plugin.py" in names and "vllm_turboquant/data/codebooks.json" in names
     assert "vllm_turboquant/kernels/ops.py" in names
-    assert re.search(r"\[vllm\.general_plugins\]\s*\nturboquant = vllm_turboquant\.plugin:register", entry_points)
+    assert re.search(r"\[vllm\.general_plugins\]\s*\nturboquant = vllm_turboquant\.backend\.plugin:register",
+                     entry_points)
 
 
 def test_hadolint_is_clean():

@@ -40,7 +40,7 @@ def test_lloyd_max_conditions_hold_by_quadrature(dim, bits):
         mean = integrate.quad(lambda x: x * f(x), edges[i], edges[i + 1], limit=200)[0] / mass
         assert c == pytest.approx(mean, abs=1e-9)
     assert np.allclose(cb.boundaries, (np.array(cb.centroids[1:]) + cb.centroids[:-1]) / 2)
-    mse = sum(integrate.quad(lambda x: (x - c) ** 2 * f(x), edges[i], edges[i + 1], limit=200)[0]
+    mse = sum(integrate.quad(lambda x, c=c: (x - c) ** 2 * f(x), edges[i], edges[i + 1], limit=200)[0]
               for i, c in enumerate(cb.centroids)) * dim
     assert cb.mse == pytest.approx(mse, rel=1e-6)
 

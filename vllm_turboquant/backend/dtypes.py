@@ -1,17 +1,20 @@
 """Teach vLLM our ``--kv-cache-dtype`` names.
 
-vLLM 0.32 validates the name against the ``CacheDType`` Literal in four places:
-the pydantic ``CacheConfig`` (validator built at import), the ``EngineArgs``
-field (argparse ``choices`` come from it through a cached helper), a copy of
-the Literal imported by the attention selector, and the name → torch dtype map.
-vLLM 0.33 has a public registry (``register_kv_cache_dtype``) instead.
+vLLM 0.33 has a public registry (``register_kv_cache_dtype``): one handler per name.
+
+vLLM 0.32 has none: it validates the name against the ``CacheDType`` Literal in four places
+(the pydantic ``CacheConfig``, whose validator is built at import; the ``EngineArgs`` field,
+whose argparse ``choices`` come from it through a cached helper; a copy of the Literal imported
+by the attention selector; and the name -> torch dtype map). ``_widen_literal_032`` is the
+version shim that rebuilds them; it goes when 0.32 support does.
 ``add_kv_cache_dtypes`` does whichever the running vLLM needs; it is idempotent.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Iterable, Literal, get_args
+from collections.abc import Iterable
+from typing import Literal, get_args
 
 import torch
 
@@ -36,11 +39,11 @@ def add_kv_cache_dtypes(names: Iterable[str]) -> tuple[str, ...]:
         check_name(name)
     if hasattr(cache_mod, "register_kv_cache_dtype"):
         return _register_with_registry(cache_mod, names)
-    return _widen_literal(cache_mod, names)
+    return _widen_literal_032(cache_mod, names)
 
 
-def _widen_literal(cache_mod, names: tuple[str, ...]) -> tuple[str, ...]:
-    """vLLM 0.32: rebuild the Literal and everything that captured it."""
+def _widen_literal_032(cache_mod, names: tuple[str, ...]) -> tuple[str, ...]:
+    """The vLLM 0.32 shim: rebuild the ``CacheDType`` Literal and everything that captured it."""
     from pydantic.dataclasses import rebuild_dataclass
     from vllm.engine import arg_utils
     from vllm.utils import torch_utils

@@ -54,7 +54,8 @@ def test_calibrate_save_load_reproduces_identical_slots(tmp_path):
     reg = calibrate(keys, values, "turboquant3_qjl", model="tiny-test")
     t = reg.layer(1)
     assert torch.allclose(t.key_mean, keys[1].mean(0))
-    assert not torch.allclose(t.key_centroids, CodebookRegistry.default("turboquant3_qjl", 64, 3, 2).layer(1).key_centroids)
+    default = CodebookRegistry.default("turboquant3_qjl", 64, 3, 2).layer(1)
+    assert not torch.allclose(t.key_centroids, default.key_centroids)
     path = tmp_path / "calib.safetensors"
     reg.save(path)
     loaded = load_registry(path, model="tiny-test", preset="turboquant3_qjl", head_dim=64, num_layers=3, num_kv_heads=2)
@@ -122,7 +123,7 @@ def test_corrupt_and_foreign_files_are_refused(tmp_path):
     # right metadata, wrong tensor shape
     from safetensors import safe_open
     with safe_open(str(good), "pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle)
     tensors["key_centroids"] = tensors["key_centroids"][:, :, :4].contiguous()
     save_file(tensors, str(foreign), metadata=meta)
     with pytest.raises(CalibrationError, match="'key_centroids' has shape"):

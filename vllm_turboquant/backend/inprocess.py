@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 
 @contextmanager
-def in_process_llm(model: str, **kwargs) -> Iterator["vllm.LLM"]:  # noqa: F821
+def in_process_llm(model: str, **kwargs) -> Iterator[vllm.LLM]:  # noqa: F821
     """An ``LLM`` whose engine core and worker live in this process; shut down on exit.
 
     Defaults: enforce_eager, max_model_len 1024, seed 0; ``VLLM_CPU_KVCACHE_SPACE`` 1 GiB unless set.
@@ -46,6 +46,6 @@ def attention_layers(llm) -> list:
 
 
 def kv_cache_tokens(llm) -> int:
-    """vLLM's KV capacity in tokens (what it logs as 'KV cache size')."""
-    cfg = llm.llm_engine.vllm_config.cache_config
-    return cfg.num_gpu_blocks * cfg.block_size
+    """vLLM's KV capacity in tokens (what it logs as 'KV cache size': requests of max_model_len tokens
+    that fit at once, times max_model_len, every KV-cache group counted)."""
+    return int(llm.llm_engine.vllm_config.cache_config.kv_cache_size_tokens)

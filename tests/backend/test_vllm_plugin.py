@@ -12,15 +12,22 @@ import torch
 
 pytest.importorskip("vllm")
 
-from tiny_models import build_gemma3, build_llama  # noqa: E402
+from support import build_gemma3, build_llama, packed_pages_per_request  # noqa: E402
 from vllm_turboquant import reference as R  # noqa: E402
-from vllm_turboquant.inprocess import attention_layers, in_process_llm, kv_cache_tokens  # noqa: E402
-from vllm_turboquant.layout import slot_layout, unpack_slots  # noqa: E402
-from vllm_turboquant.plugin import check_vllm_version, register  # noqa: E402
+from vllm_turboquant.backend.dtypes import check_name  # noqa: E402
+from vllm_turboquant.backend.inprocess import attention_layers, in_process_llm, kv_cache_tokens  # noqa: E402
+from vllm_turboquant.backend.layer import step_metadata  # noqa: E402
+from vllm_turboquant.backend.plugin import register  # noqa: E402
+from vllm_turboquant.backend.settings import Settings, load_settings  # noqa: E402
+from vllm_turboquant.backend.version import check_vllm_version  # noqa: E402
+from vllm_turboquant.layout import unpack_slots  # noqa: E402
 from vllm_turboquant.presets import PRESETS  # noqa: E402
-from vllm_turboquant.protected import pool_bytes_per_token  # noqa: E402
-from vllm_turboquant.settings import Settings, load_settings  # noqa: E402
-from vllm_turboquant.vllm_dtypes import check_name  # noqa: E402
+from vllm_turboquant.protected import (  # noqa: E402
+    ProtectedTokens,
+    exact_rows,
+    protected_mask,
+    protected_positions,
+)
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +84,10 @@ def test_version_check_and_reserved_names():
 
 
 def test_settings_from_env_and_additional_config():
-    env = {"VLLM_TURBOQUANT_COMPRESSED_PREFILL": "1", "VLLM_TURBOQUANT_SEED": "7"}
-    assert load_settings(None, env) == Settings(compressed_prefill=True, seed=7)
-    assert load_settings({"turboquant": {"compressed_prefill": False}}, env).compressed_prefill is False
+    env = {"VLLM_TURBOQUANT_COMPRESSED_PREFILL": "0", "VLLM_TURBOQUANT_SEED": "7"}
+    assert load_settings(None, {}).compressed_prefill is True  # the default: every token read from the cache
+    assert load_settings(None, env) == Settings(compressed_prefill=False, seed=7)
+    assert load_settings({"turboquant": {"compressed_prefill": True}}, env).compressed_prefill is True
     with pytest.raises(ValueError, match=r"unknown turboquant option\(s\) \['bogus'\]"):
         load_settings({"turboquant": {"bogus": 1}}, {})
     with pytest.raises(ValueError, match="ops='cuda'"):
@@ -94,11 +102,14 @@ def test_settings_from_env_and_additional_config():
 def _attach_checker(llm, compressed_prefill: bool):
     """Wrap every packed layer's cache write and forward: record the exact K/V of every slot as it is
     written, then recompute each output from the cache with dense attention over the dequantised
-    slots -- the recorded exact K/V for protected positions (sink / recent window) that have a copy,
-    and for a prefill chunk's own tokens unless compressed_prefill -- and record the relative error."""
-    stats = {"errors": [], "layers": set(), "decode_calls": 0, "prefill_calls": 0, "exact_reads": 0}
-    for module, impl in attention_layers(llm):
-        if impl.preset is None:
+    slots -- the recorded exact K/V at every protected position (sink / recent window) and for a prefill
+    chunk's own tokens unless compressed_prefill -- and record the relative error. Also check that the
+    exact-copy companion holds, at every protected position the step reads, exactly the copy of the token
+    written there (``copy_mismatches`` counts the ones that do not)."""
+    stats = {"errors": [], "layers": set(), "decode_calls": 0, "prefill_calls": 0, "exact_reads": 0,
+             "copy_checks": 0, "copy_mismatches": 0}
+    for _, impl in attention_layers(llm):
+        if impl.packed is None:
             continue
         original, original_update = impl.forward, impl.do_kv_cache_update
         exact: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -109,22 +120,25 @@ def _attach_checker(llm, compressed_prefill: bool):
                     _exact[s] = (key[i].double().clone(), value[i].double().clone())
             return _upd(layer, key, value, kv_cache, slot_mapping)
 
-        def checked(layer, query, key, value, kv_cache, md, output=None, *args, _impl=impl, _fwd=original,
+        def checked(layer, query, key, value, kv_cache, md, output=None, *args, _p=impl.packed, _fwd=original,
                     _exact=exact, **kw):
             out = _fwd(layer, query, key, value, kv_cache, md, output, *args, **kw)
             if md is None:
                 return out
             cache = kv_cache.permute(0, 2, 1, 3)
             bs = cache.shape[1]
-            lay = slot_layout(_impl.preset, _impl.head_size)
-            group = getattr(md, "tq_group", None)
+            sink, window = _p.engine.sink, _p.engine.window
+            copies = None
+            if _p.companion is not None:
+                meta_x = step_metadata(_p.companion.layer_name)
+                copies = ProtectedTokens(sink, window, _p.companion.exact_cache(), meta_x.block_table)
             qsl, seq_lens = md.query_start_loc.tolist(), md.seq_lens.tolist()
             for b, L in enumerate(seq_lens):
                 qs, qe = qsl[b], qsl[b + 1]
                 if qe == qs:
                     continue
-                fields = unpack_slots(R.gather_slots(cache, md.block_table[b:b + 1], L)[0], lay)
-                k, v = R.dequantize(fields, _impl._tables, _impl.preset)
+                fields = unpack_slots(R.gather_slots(cache, md.block_table[b:b + 1], L)[0], _p.fmt.layout)
+                k, v = R.dequantize(fields, _p.tables, _p.fmt)
                 k, v = k.double(), v.double()
                 is_decode = qe - qs == 1 and (compressed_prefill or L > 1)
                 ctx = L - (qe - qs)
@@ -132,28 +146,33 @@ def _attach_checker(llm, compressed_prefill: bool):
                     k[ctx:], v[ctx:] = key[qs:qe].double(), value[qs:qe].double()
                 pos = torch.arange(L)
                 slots = (md.block_table[b, pos // bs].long() * bs + pos % bs).tolist()
-                has = torch.tensor([group is not None and int(group.planner.table[s]) >= 0 for s in slots])
-                k_x, v_x = k.clone(), v.clone()
-                for p in torch.nonzero(has).flatten().tolist():
-                    k_x[p], v_x[p] = _exact[slots[p]]
+                # (a sliding-window layer's freed blocks are vLLM's null block: never read, never written)
+                blank = (torch.zeros_like(k[0]), torch.zeros_like(v[0]))
+                k_x = torch.stack([_exact.get(s, blank)[0] for s in slots])
+                v_x = torch.stack([_exact.get(s, blank)[1] for s in slots])
+                if copies is not None:  # the companion's rows at the positions this step reads exactly
+                    read = protected_positions(ctx, L, sink, window)
+                    if _p.window:  # a sliding-window layer's queries see only its last tokens
+                        read = read[read > ctx - _p.window]
+                    got = copies.rows(torch.full_like(read, b), read)
+                    want = exact_rows(k_x[read], v_x[read], _p.tables, got.dtype)
+                    stats["copy_checks"] += len(read)
+                    stats["copy_mismatches"] += int((got != want).flatten(1).any(1).sum())
                 refs = []
                 for i, qp in enumerate(range(ctx, L)):
-                    use = has.clone()
-                    if group is not None:
-                        use &= (pos < group.sink) | (pos > qp - group.window)
-                    else:
-                        use[:] = False
+                    use = protected_mask(qp, pos, sink, window)
                     if not compressed_prefill and not is_decode:
                         use[ctx:] = False  # already exact
                     stats["exact_reads"] += int(use[:qp + 1].sum())
-                    kk, vv = torch.where(use[:, None, None], k_x, k), torch.where(use[:, None, None], v_x, v)
-                    refs.append(R.dense_attention(query[qs + i:qs + i + 1], kk, vv, _impl.scale, torch.tensor([qp]),
-                                                  _impl.window))
+                    kk = torch.where(use[:, None, None], k_x, k)
+                    vv = torch.where(use[:, None, None], v_x, v)
+                    refs.append(R.dense_attention(query[qs + i:qs + i + 1], kk, vv, _p.scale, torch.tensor([qp]),
+                                                  _p.window))
                 ref = torch.cat(refs)
                 got = output[qs:qe].float()
                 stats["errors"].append(((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item())
                 stats["decode_calls" if is_decode else "prefill_calls"] += 1
-            stats["layers"].add(_impl.layer_index)
+            stats["layers"].add(_p.layer_index)
             return out
 
         impl.forward = checked
@@ -161,6 +180,8 @@ def _attach_checker(llm, compressed_prefill: bool):
     return stats
 
 
+#: vLLM's usual semantics (a prefill chunk attends to its own fresh K/V), the non-default mode.
+EXACT_PREFILL = {"turboquant": {"compressed_prefill": False}}
 PROMPTS = [" ".join(f"w{(7 * i + 3 * j) % 500}" for j in range(n)) for i, n in enumerate([5, 37, 150, 1])]
 
 
@@ -178,7 +199,8 @@ def _exercise(llm):
                                          ("d256_gqa", "turboquant4"), ("gemma3", "turboquant2")])
 def test_backend_attention_matches_dense_reference_layer_by_layer(models, name, preset):
     with in_process_llm(str(models[name]), kv_cache_dtype=preset, dtype="float32", max_num_batched_tokens=64,
-                        max_num_seqs=4, block_size=32 if name == "gemma3" else 128) as llm:
+                        max_num_seqs=4, block_size=32 if name == "gemma3" else 128, additional_config=EXACT_PREFILL
+                        ) as llm:
         impls = attention_layers(llm)
         stats = _attach_checker(llm, compressed_prefill=False)
         tokens = _exercise(llm)
@@ -186,24 +208,32 @@ def test_backend_attention_matches_dense_reference_layer_by_layer(models, name, 
     assert stats["layers"] == set(range(len(impls)))
     assert stats["decode_calls"] > 0 and stats["prefill_calls"] > 0
     assert (stats["exact_reads"] > 0) == (PRESETS[preset].sink + PRESETS[preset].window > 0)
+    assert stats["copy_mismatches"] == 0 and (stats["copy_checks"] > 0) == (stats["exact_reads"] > 0)
     print(f"{name} {preset}: {len(stats['errors'])} checks, max relative error {max(stats['errors']):.2e}, "
           f"{stats['exact_reads']} protected reads")
     assert max(stats["errors"]) < 1e-3
 
 
 def test_compressed_prefill_reads_every_token_back_from_the_slots(models):
+    """The default mode: every key is read back from the cache (packed, or its exact copy when protected)."""
     with in_process_llm(str(models["d64_gqa"]), kv_cache_dtype="turboquant3", dtype="float32",
-                        max_num_batched_tokens=64, additional_config={"turboquant": {"compressed_prefill": True}}
-                        ) as llm:
+                        max_num_batched_tokens=64) as llm:
         stats = _attach_checker(llm, compressed_prefill=True)
         _exercise(llm)
     assert stats["prefill_calls"] > 0 and stats["exact_reads"] > 0 and max(stats["errors"]) < 1e-3
 
 
+def expected_capacity_ratio(preset: str, sink: int, window: int, max_len: int, head_dim: int = 128,
+                            block_size: int = 128) -> float:
+    """vLLM's capacity (requests of max_len that fit, times max_len) over bf16's, one KV head, bf16 model."""
+    page, pages = packed_pages_per_request(preset, max_len, block_size, 1, head_dim, sink, window)
+    return max_len * 2 * head_dim * 2 / (pages * page)
+
+
 def test_kv_capacity_grows_by_the_bytes_ratio(models):
-    """vLLM's own reported capacity: the bytes ratio without protected tokens, and with the default
-    sink + window the pool's share counted in (S + W exact K/V rows per max_model_len tokens)."""
-    bf16 = 2 * 2 * 128  # bytes per token and KV head (head_dim 128, one KV head)
+    """vLLM's own reported capacity: the bytes ratio without protected tokens; with the default sink +
+    window, each running request's exact-copy blocks counted in (vLLM sizes them: they come out of the
+    same KV space)."""
     for max_len in (2048, 32768):
         capacity = {}
         for dtype, extra in (("auto", {}), ("turboquant3", {}), ("turboquant4_qjl", {}),
@@ -214,19 +244,18 @@ def test_kv_capacity_grows_by_the_bytes_ratio(models):
         for dtype in ("turboquant3", "turboquant4_qjl", "turboquant3 S=W=0"):
             preset = PRESETS[dtype.split()[0]]
             sink, window = (0, 0) if "S=W=0" in dtype else (preset.sink, preset.window)
-            per_token = slot_layout(preset, 128).slot_bytes + pool_bytes_per_token(sink, window, 1, 128, 2, max_len)
-            expected = bf16 / per_token
+            expected = expected_capacity_ratio(preset.name, sink, window, max_len)
             ratio = capacity[dtype] / capacity["auto"]
             print(f"max_model_len {max_len} {dtype}: {capacity[dtype]} tokens vs bf16 {capacity['auto']} = "
-                  f"{ratio:.3f}x (bytes ratio {expected:.3f} = 512 / ({per_token:.2f} B))")
-            assert 0.95 * expected <= ratio <= 1.01 * expected
+                  f"{ratio:.3f}x (expected {expected:.3f})")
+            assert 0.99 * expected <= ratio <= 1.01 * expected
         if max_len == 32768:
             assert capacity["turboquant3"] / capacity["auto"] >= 4.5  # protected-tokens acceptance
 
 
 STOCK_SCRIPT = """
 import json, os, sys
-from vllm_turboquant.inprocess import in_process_llm
+from vllm_turboquant.backend.inprocess import in_process_llm
 from vllm import SamplingParams
 if __name__ == "__main__":
     with in_process_llm({model!r}, kv_cache_dtype="auto", max_num_batched_tokens=64) as llm:
@@ -265,7 +294,7 @@ def _impl(models, kv_cache_dtype, head_size=64, alibi_slopes=None, **kw):
     from vllm.config import set_current_vllm_config
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_turboquant.backend import TurboQuantImpl
+    from vllm_turboquant.backend.cpu import TurboQuantImpl
 
     register()
     cfg = EngineArgs(model=str(models["d64_gqa"]), kv_cache_dtype="auto", enforce_eager=True).create_engine_config()
@@ -284,7 +313,7 @@ def test_unsupported_models_are_refused_naming_the_problem(models):
         _impl(models, "turboquant3", kv_sharing_target_layer_name="model.layers.0.self_attn.attn")
     with pytest.raises(ValueError, match="in-tree TurboQuant, which has no CPU implementation"):
         _impl(models, "turboquant_3bit_nc")
-    assert _impl(models, "auto").preset is None  # stock dtypes are untouched
+    assert _impl(models, "auto").packed is None  # stock dtypes are untouched
 
 
 def test_mismatched_calibration_file_is_refused_at_start(models, tmp_path, monkeypatch):
@@ -307,32 +336,32 @@ def test_triton_ops_serve_the_same_attention_as_the_torch_path(models):
     tokens = {}
     for ops in ("torch", "triton"):
         with in_process_llm(str(models["d64_gqa"]), kv_cache_dtype="turboquant3_qjl", dtype="float32",
-                            max_num_batched_tokens=32, additional_config={"turboquant": {"ops": ops}}) as llm:
-            assert all(impl.settings.ops == ops for _, impl in attention_layers(llm))
+                            max_num_batched_tokens=32,
+                            additional_config={"turboquant": {"ops": ops, "compressed_prefill": False}}) as llm:
+            assert all(impl.packed.engine.settings.ops == ops for _, impl in attention_layers(llm))
             stats = _attach_checker(llm, compressed_prefill=False)
             outs = llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
             tokens[ops] = [o.outputs[0].token_ids for o in outs]
             assert max(stats["errors"]) < 1e-3, ops
-            assert {type(i._ops).__name__ for _, i in attention_layers(llm)} == {"module"}
-            assert {i._ops.__name__ for _, i in attention_layers(llm)} == {
+            assert {type(i.packed.ops).__name__ for _, i in attention_layers(llm)} == {"module"}
+            assert {i.packed.ops.__name__ for _, i in attention_layers(llm)} == {
                 "vllm_turboquant.reference" if ops == "torch" else "vllm_turboquant.kernels.ops"}
     assert tokens["torch"] == tokens["triton"]
 
 
 def test_boundary_layers_through_vllms_skip_layers_flag(models):
     """--kv-cache-dtype-skip-layers keeps chosen layers at bf16; the KV budget counts both kinds honestly."""
-    with in_process_llm(str(models["d64_gqa"]), kv_cache_dtype="turboquant3", kv_cache_dtype_skip_layers=["0", "3"]
-                        ) as llm:
+    with in_process_llm(str(models["d64_gqa"]), kv_cache_dtype="turboquant3", kv_cache_dtype_skip_layers=["0", "3"],
+                        additional_config={"turboquant": {"sink": 0, "window": 0}}) as llm:
         dtypes = [impl.kv_cache_dtype for _, impl in attention_layers(llm)]
         tokens = kv_cache_tokens(llm)
         from vllm import SamplingParams
 
         out = llm.generate(["w1 w2 w3"], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
     assert dtypes == ["auto", "turboquant3", "turboquant3", "auto"] and len(out[0].outputs[0].token_ids) == 4
-    # two bf16 layers + two packed layers, 2 KV heads each; a packed layer's pages also hold the
-    # protected-token pool's share (S + W bf16 rows per max_model_len = 1024 tokens)
-    pool = pool_bytes_per_token(PRESETS["turboquant3"].sink, PRESETS["turboquant3"].window, 2, 64, 2, 1024)
-    per_token = 2 * 2 * (2 * 64 * 2) + 2 * (2 * 52 + pool)
+    # two bf16 layers + two packed layers, 2 KV heads each (protected tokens off: their exact-copy
+    # blocks are counted by test_kv_capacity_grows_by_the_bytes_ratio)
+    per_token = 2 * 2 * (2 * 64 * 2) + 2 * (2 * 52)
     assert tokens == pytest.approx(2 ** 30 / per_token, rel=0.01)
 
 
@@ -342,7 +371,8 @@ def test_preemption_by_recompute_keeps_outputs_correct(models):
     from vllm import SamplingParams
 
     with in_process_llm(str(models["d64_gqa"]), kv_cache_dtype="turboquant3", dtype="float32", block_size=32,
-                        num_gpu_blocks_override=5, max_model_len=128, max_num_seqs=4) as llm:
+                        num_gpu_blocks_override=60, max_model_len=128, max_num_seqs=4,
+                        additional_config=EXACT_PREFILL) as llm:
         stats = _attach_checker(llm, compressed_prefill=False)
         scheduler = llm.llm_engine.engine_core.engine_core.scheduler
         preempted = []
@@ -352,5 +382,5 @@ def test_preemption_by_recompute_keeps_outputs_correct(models):
         prompts = [" ".join(f"w{(i * 11 + j) % 500}" for j in range(30)) for i in range(4)]
         outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True), use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in outs] == [24] * 4
-    assert preempted, "4 x 54 tokens need 8 blocks of 32 and only 5 exist: something must be preempted"
+    assert preempted, "4 x 54 tokens need 8 packed blocks of 32 and ~4 x 28 exact-copy blocks of 2; 60 exist"
     assert max(stats["errors"]) < 1e-3

@@ -36,7 +36,7 @@ def test_core_api_shapes():
 def test_kv_cache_wrapper():
     cache = TurboQuantKVCache(dim=128, bits=3, proj_dim=64)
     keys, values = torch.randn(40, 128), torch.randn(40, 128)
-    for k, v in zip(keys, values):
+    for k, v in zip(keys, values, strict=True):
         cache.append_key(k)
         cache.append_value(v)
     query = torch.randn(128)

@@ -1,4 +1,5 @@
-"""vllm_turboquant/gpu_backend.py is for vLLM 0.33 on CUDA, which cannot run here: check it statically.
+"""vllm_turboquant/backend/gpu.py and platform.py are for vLLM 0.33 on CUDA, which cannot run here: check them
+statically (tests/backend/test_gpu_glue.py runs their glue against vLLM 0.33's own classes on the CPU).
 
 The file is parsed with ``ast`` (never imported) and compared with the vLLM 0.33 sources found
 the way tests/test_vllm_names.py finds them (``vllm033_root``):
@@ -11,8 +12,12 @@ the way tests/test_vllm_names.py finds them (``vllm033_root``):
 * ``Enum.MEMBER``-style reads of vLLM classes (``KVCacheLayout.LBHNC``...) and the
   ``CommonAttentionMetadata`` fields the builder reads exist.
 
+The platform plugin (``platform.py``): its vLLM imports exist in 0.33, its class's overrides keep
+``CudaPlatform``'s parameters, the entry point is declared; the backend declares only block-compact layouts
+and only the head sizes the kernel tests cover.
+
 And the CPU build never imports the module: no other module imports it, and a CPU ``register()``
-leaves it out of ``sys.modules``.
+leaves it out of ``sys.modules``; on the CPU build the platform plugin is loaded by vLLM and answers None.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ from pathlib import Path
 
 import pytest
 
-from test_vllm_names import vllm033_root  # noqa: E402  (same source location logic)
+from support import vllm033_root  # noqa: E402  (same source location logic)
 
-PACKAGE = Path(__file__).resolve().parents[1] / "vllm_turboquant"
-GPU_BACKEND = PACKAGE / "gpu_backend.py"
+PACKAGE = Path(__file__).resolve().parents[2] / "vllm_turboquant"
+GPU_BACKEND = PACKAGE / "backend" / "gpu.py"
+PLATFORM = PACKAGE / "backend" / "platform.py"
 
 # Hooks vLLM calls by name without declaring them on AttentionImpl: compare with a stock backend.
 HOOKS = {"do_kv_cache_update": ("v1.attention.backends.triton_attn", "TritonAttentionImpl")}
@@ -169,7 +175,7 @@ def _params(fn: ast.FunctionDef) -> tuple[list[str], set[str], bool]:
     names = [a.arg for a in positional]
     with_default = {a.arg for a in positional[len(positional) - len(args.defaults):]} if args.defaults else set()
     names += [a.arg for a in args.kwonlyargs]
-    with_default |= {a.arg for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None}
+    with_default |= {a.arg for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True) if d is not None}
     if names and names[0] in ("self", "cls") and not _is_static(fn):
         names = names[1:]
     return names, with_default, bool(args.vararg or args.kwarg)
@@ -204,9 +210,9 @@ def _vllm_imports(tree: ast.Module) -> dict[str, tuple[str, str]]:
 def test_every_vllm_import_exists_in_033(root, ours):
     tree = Tree(root)
     imports = _vllm_imports(ours)
-    assert imports, "gpu_backend.py imports nothing from vLLM?"
+    assert imports, "backend/gpu.py imports nothing from vLLM?"
     missing = []
-    for local, (module, name) in sorted(imports.items()):
+    for _local, (module, name) in sorted(imports.items()):
         if tree.path(module) is None:
             missing.append(f"module {module}")
         elif name and name not in tree.top_level(module) and tree.path(f"{module}.{name}") is None:
@@ -281,12 +287,14 @@ def test_enum_members_and_metadata_fields_exist_in_033(root, ours):
             chain = tree.chain(module, real)
             if chain and node.attr not in _members(chain):
                 missing.append(f"{real}.{node.attr}")
-    # Fields the builder reads from CommonAttentionMetadata (as ``cam`` or ``common_attn_metadata``).
+    # Fields the builders read from CommonAttentionMetadata (as ``cam`` or ``common_attn_metadata``): ours
+    # hands it to layer.plan_step, the exact-copy companion's builder (exact.py) reads it too.
     cam_fields = _members(tree.chain("vllm.v1.attention.backend", "CommonAttentionMetadata"))
-    read = {node.attr for node in ast.walk(ours) if isinstance(node, ast.Attribute)
+    readers = [ours] + [ast.parse((PACKAGE / "backend" / f).read_text()) for f in ("layer.py", "exact.py")]
+    read = {node.attr for module in readers for node in ast.walk(module) if isinstance(node, ast.Attribute)
             and isinstance(node.value, ast.Name) and node.value.id in ("cam", "common_attn_metadata")}
-    assert {"query_start_loc", "seq_lens", "block_table_tensor", "slot_mapping", "num_actual_tokens",
-            "max_query_len"} <= read
+    assert {"query_start_loc", "query_start_loc_cpu", "seq_lens", "block_table_tensor", "slot_mapping",
+            "num_actual_tokens", "max_query_len", "max_seq_len", "num_reqs"} <= read
     missing += [f"CommonAttentionMetadata.{f}" for f in sorted(read - set(cam_fields))]
     # Config and registry names the backend and the plugin's CUDA branch rely on.
     for module, cls, attr in [("vllm.config.compilation", "CompilationConfig", "static_forward_context"),
@@ -304,9 +312,103 @@ def test_the_backend_answers_to_its_enum_name(ours):
                   for fn in cls.body if isinstance(fn, ast.FunctionDef) and fn.name == "get_name")
     returned = [n.value.value for n in ast.walk(getter) if isinstance(n, ast.Return)]
     assert returned == ["CUSTOM"]
-    plugin = (PACKAGE / "plugin.py").read_text()
-    assert '"vllm_turboquant.gpu_backend.TurboQuantGPUBackend"' in plugin
+    plugin = (PACKAGE / "backend" / "plugin.py").read_text()
+    assert '"vllm_turboquant.backend.gpu.TurboQuantGPUBackend"' in plugin
     assert "TurboQuantGPUBackend" in {c.name for c in _our_classes(ours)}
+
+
+# -- the platform plugin, layouts and head sizes ------------------------------------------------
+
+def test_platform_plugin_imports_and_overrides_exist_in_033(root):
+    tree = Tree(root)
+    module = ast.parse(PLATFORM.read_text())
+    imports = _vllm_imports(module)
+    assert {"CudaPlatform", "AttentionBackendEnum", "cuda_platform_plugin", "get_current_vllm_config_or_none"} \
+        <= set(imports)
+    missing = [f"{m}.{n}" for _, (m, n) in sorted(imports.items())
+               if tree.path(m) is None or (n and n not in tree.top_level(m) and tree.path(f"{m}.{n}") is None)]
+    assert missing == [], f"not in vLLM 0.33: {missing}"
+    # CudaPlatform is NvmlCudaPlatform or NonNvmlCudaPlatform (chosen at import); both derive CudaPlatformBase
+    assert isinstance(tree.top_level("vllm.platforms.cuda")["CudaPlatform"], ast.Assign)
+    inherited = _members(tree.chain("vllm.platforms.cuda", "NvmlCudaPlatform"))
+    cls = next(n for n in ast.walk(module) if isinstance(n, ast.ClassDef) and n.name == "TurboQuantCudaPlatform")
+    methods = [item for item in cls.body if isinstance(item, ast.FunctionDef)]
+    assert {m.name for m in methods} == {"get_attn_backend_cls", "check_and_update_config"}
+    for method in methods:
+        base = inherited[method.name]
+        assert _params(method)[0] == _params(base)[0] and _kind(method) == _kind(base) == "class", method.name
+    assert "AttentionSelectorConfig" in ast.unparse(inherited["get_attn_backend_cls"])
+
+
+def test_platform_entry_point_is_declared_under_our_plugin_name():
+    import tomllib
+
+    meta = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["entry-points"]
+    assert meta["vllm.platform_plugins"] == {"turboquant": "vllm_turboquant.backend.platform:detect"}
+    assert set(meta["vllm.general_plugins"]) == {"turboquant"}  # one name: VLLM_PLUGINS=turboquant keeps both
+
+
+def test_detect_answers_only_for_vllm_033_on_cuda(monkeypatch, caplog):
+    """The entry point's answer for each situation it can meet (vLLM's own CUDA detection stubbed)."""
+    pytest.importorskip("vllm")
+    import vllm.platforms
+
+    from vllm_turboquant.backend import platform
+
+    def answer(version="0.33.0", cuda=True, others=(), **env):
+        monkeypatch.setattr(platform, "_installed_vllm", lambda: version)
+        monkeypatch.setattr(platform, "_other_platform_plugins", lambda: list(others))
+        monkeypatch.setattr(vllm.platforms, "cuda_platform_plugin", lambda: "vllm.platforms.cuda.CudaPlatform"
+                            if cuda is True else cuda())
+        for key in ("VLLM_TARGET_DEVICE", platform.DISABLE_ENV):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        return platform.detect()
+
+    assert answer() == platform.PLATFORM_CLASS == "vllm_turboquant.backend.platform.TurboQuantCudaPlatform"
+    assert answer(cuda=lambda: None) is None  # vLLM 0.33 on a machine without an NVIDIA GPU (e.g. ROCm)
+    assert answer(version=None) is None  # the CPU build: no distribution named vllm
+    assert answer(version="0.32.0") is None and answer(version="0.33.0+cpu") is None
+    assert answer(version="0.33.1+rocm631") is None
+    assert answer(VLLM_TARGET_DEVICE="cpu") is None
+    assert answer(VLLM_TURBOQUANT_PLATFORM="0") is None
+
+    def broken():
+        raise RuntimeError("NVML exploded")
+
+    assert answer(cuda=broken) is None  # never breaks vLLM's start-up
+    with caplog.at_level("WARNING", logger="vllm.vllm_turboquant"):
+        assert answer(others=["vendor (vendor_plugin:detect)"]) is None
+    assert "--attention-backend CUSTOM" in caplog.text and "vendor" in caplog.text
+
+
+def _assigned(module: ast.Module, name: str) -> ast.expr:
+    return next(n.value for n in module.body if isinstance(n, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == name for t in n.targets))
+
+
+def test_declared_layouts_are_the_block_compact_ones(root, ours):
+    """Padded pages (the exact-copy companions', and unified pages) need L and B outermost (0.33's
+    ``compute_layout_strides`` asserts otherwise); every block-compact layout is declared."""
+    layouts = {}
+    for node in ast.parse((root / "v1" / "kv_cache_layout.py").read_text()).body:
+        if isinstance(node, ast.ClassDef) and node.name == "KVCacheLayout":
+            layouts = {t.targets[0].id: ast.literal_eval(t.value) for t in node.body
+                       if isinstance(t, ast.Assign) and isinstance(t.value, ast.Tuple)}
+    declared = [e.attr for e in _assigned(ours, "LAYOUTS").elts]
+    compact = {name for name, order in layouts.items() if set(order[:2]) == {0, 1}}
+    assert set(declared) == compact and len(compact) == 4 and declared[0] == "LBHNC"
+
+
+def test_gpu_head_sizes_are_the_ones_the_kernel_tests_cover(ours):
+    """The head sizes both attention kernels (decode and prefill) are tested at; no other is accepted."""
+    kernel_tests = ast.parse((PACKAGE.parent / "tests" / "kernels" / "test_kernels.py").read_text())
+    covered = [{ast.literal_eval(case.elts[1]) for case in _assigned(kernel_tests, name).elts}
+               for name in ("DECODE_CASES", "PREFILL_CASES")]
+    covered = covered[0] & covered[1]
+    sizes = ast.literal_eval(_assigned(ours, "TESTED_HEAD_SIZES"))
+    assert set(sizes) == covered, (sorted(sizes), sorted(covered))
 
 
 # -- never on the CPU build ------------------------------------------------------------------
@@ -315,9 +417,10 @@ def _imports_gpu_backend(tree: ast.Module) -> bool:
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             module = node.module or ""
-            if module.endswith("gpu_backend") or any(a.name == "gpu_backend" for a in node.names):
+            if (module.endswith("backend.gpu") or (node.level and module == "gpu")
+                    or any(a.name == "gpu" for a in node.names)):
                 return True
-        elif isinstance(node, ast.Import) and any(a.name.endswith("gpu_backend") for a in node.names):
+        elif isinstance(node, ast.Import) and any(a.name.endswith("backend.gpu") for a in node.names):
             return True
     return False
 
@@ -330,12 +433,20 @@ def test_no_module_imports_the_gpu_backend():
 
 CPU_SCRIPT = """
 import sys
-from vllm_turboquant.plugin import register
+from importlib.metadata import entry_points
+from vllm_turboquant.backend.plugin import register
 register()
-import vllm_turboquant.backend, vllm_turboquant.packed_attention
+import vllm_turboquant.backend.cpu, vllm_turboquant.backend.layer
 from vllm.v1.attention.backends import registry
-assert "vllm_turboquant.gpu_backend" not in sys.modules, "the CPU path imported gpu_backend"
+from vllm.platforms import current_platform
+import vllm_turboquant.backend.platform as platform
+assert "vllm_turboquant.backend.gpu" not in sys.modules, "the CPU path imported backend.gpu"
 assert registry.AttentionBackendEnum.CUSTOM not in registry._ATTN_OVERRIDES, "CUSTOM registered on CPU"
+# the platform plugin: installed, loaded by vLLM (it answered None), never built, CUDA never imported
+installed = {ep.name: ep.value for ep in entry_points(group="vllm.platform_plugins")}
+assert installed.get("turboquant") == "vllm_turboquant.backend.platform:detect", installed
+assert type(current_platform).__name__ == "CpuPlatform", type(current_platform)
+assert platform.detect() is None and "_cls" not in vars(platform) and "vllm.platforms.cuda" not in sys.modules
 print("CPU-OK")
 """
 

@@ -8,17 +8,13 @@ test is skipped when neither that nor the download is available."""
 from __future__ import annotations
 
 import ast
-import os
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import pytest
 
 vllm = pytest.importorskip("vllm")
 
-from vllm_turboquant.cache import cache_dir  # noqa: E402
+from support import vllm033_root  # noqa: E402
 
 # (file, kind, name): kind "class", "def" (module-level or method, anywhere in the file) or "assign".
 COMMON = [
@@ -106,24 +102,6 @@ def _check(root: Path, names) -> list[str]:
 
 def installed_root() -> Path:
     return Path(vllm.__file__).parent
-
-
-def vllm033_root() -> Path | None:
-    if os.environ.get("VLLM033_SRC"):
-        return Path(os.environ["VLLM033_SRC"])
-    target = cache_dir("vllm-0.33.0-src")
-    if (target / "vllm" / "config" / "cache.py").exists():
-        return target / "vllm"
-    wheels = cache_dir("wheels", "vllm-0.33.0")
-    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-                           "-d", str(wheels), "vllm==0.33.0"], capture_output=True, text=True, timeout=600)
-    found = sorted(wheels.glob("vllm-0.33.0-*.whl"))
-    if done.returncode != 0 or not found:
-        return None
-    with zipfile.ZipFile(found[0]) as z:  # only the Python sources
-        z.extractall(target, [n for n in z.namelist() if n.startswith("vllm/") and n.endswith(".py")])
-    found[0].unlink()
-    return target / "vllm"
 
 
 def test_names_exist_in_the_installed_vllm():
