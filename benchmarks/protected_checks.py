@@ -119,7 +119,7 @@ def memory(model: Path, out, kv_space: str = "2", model_dtype: str = "float32") 
 
     lines = [f"## Resident memory before and after the first requests ({model.name}, {model_dtype} weights, "
              f"VLLM_CPU_KVCACHE_SPACE={kv_space} GiB, --max-model-len 2048)\n",
-             "| kv-cache dtype | ready (GiB) | after 16 chats (GiB) | growth (GiB) | answered |",
+             "| kv-cache dtype | ready (GiB) | after 16 requests (GiB) | growth (GiB) | answered |",
              "|---|---:|---:|---:|---|"]
     for dtype in ("auto", "turboquant3"):
         logs = Path(os.environ.get("TMPDIR", "/tmp")) / "protected_checks"
@@ -132,9 +132,10 @@ def memory(model: Path, out, kv_space: str = "2", model_dtype: str = "float32") 
             client = OpenAI(base_url=f"{server.url}/v1", api_key="none")
             answered = 0
             for q in CHAT:
-                reply = client.chat.completions.create(model=str(model), messages=[{"role": "user", "content": q}],
-                                                       max_tokens=32, temperature=0)
-                answered += bool(reply.choices[0].message.content)
+                # the completions route: a converted model may have no chat template (Gemma-3 here)
+                reply = client.completions.create(model=str(model), prompt=f"Question: {q}\nAnswer:",
+                                                  max_tokens=32, temperature=0)
+                answered += bool(reply.choices[0].text)
             time.sleep(2)
             after = _tree_rss(server.proc.pid)
         lines.append(f"| {dtype} | {before / 2**30:.2f} | {after / 2**30:.2f} | {(after - before) / 2**30:+.2f} | "

@@ -358,6 +358,8 @@ SCRIPT = textwrap.dedent("""
     model, engine, handler = sys.argv[1], sys.argv[2], sys.argv[3]
     if handler == "vllm":  # vLLM's engine core during start-up: only records the request
         signal.signal(signal.SIGTERM, lambda s, f: print("RECORDED", s, flush=True))
+    else:  # Python's own: a test run started in the background inherits SIGINT ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     real = C._launch
     def launch(cmd, env):
         proc = real(cmd, env)
