@@ -323,3 +323,53 @@ def _qwen2_tokenizer(path: Path) -> int:
     vocab["<|endoftext|>"] = len(vocab)
     Qwen2Tokenizer(vocab=vocab, merges=[]).save_pretrained(str(path))
     return vocab["<|endoftext|>"]
+
+
+# ---------------------------------------------------------------------------
+# kernel test matrices: the Triton tests (tests/kernels/test_kernels*.py) and the compiled CPU ops'
+# (tests/kernels/test_cpu_ops.py, which drops the split counts) run the same cases
+# ---------------------------------------------------------------------------
+
+KERNEL_DECODE_CASES = [
+    # preset,            d,  H, G, block, seq_lens,          window, splits
+    ("turboquant3",     64,  2, 4, 16, [0, 1, 37, 100],    None,   2),  # empty, single token, mid-block
+    ("turboquant4_qjl", 128, 1, 8, 32, [70, 5],            20,     3),  # MQA, window, more splits than tiles
+    ("turboquant2_qjl", 256, 2, 1, 64, [90, 64],           None,   1),  # MHA, a block-aligned length
+    ("turboquant3",     64,  3, 3, 16, [33, 17],           8,      2),  # GQA 3 (SmolLM2 shape)
+    ("turboquant4",     128, 2, 4, 64, [129, 1, 0],        64,     4),
+    (SKETCHED,          64,  1, 16, 32, [50, 31],          None,   2),  # m = 48, optimal lambda
+    ("turboquant3_qjl", 256, 1, 4, 16, [40],               1,      2),  # window of one token
+    ("turboquant2",     128, 2, 8, 16, [200],              100,    3),
+    ("turboquant4_qjl", 96,  2, 3, 16, [37, 0, 5],         9,      2),  # head_dim not a power of two
+]
+
+KERNEL_PREFILL_CASES = [
+    # preset,            d,  H, G, block, seq_lens,     query_lens,  window, compressed_chunk
+    ("turboquant3",     64,  2, 4, 16, [40, 20, 5],  [10, 20, 0], None, False),  # prefix, fresh, idle seq
+    ("turboquant4_qjl", 128, 1, 8, 32, [70, 9],      [12, 3],     20,   False),  # MQA + window
+    ("turboquant4_qjl", 128, 1, 8, 32, [70, 9],      [12, 3],     20,   True),
+    ("turboquant2_qjl", 256, 2, 1, 64, [50],         [7],         None, True),
+    ("turboquant3",     64,  3, 3, 16, [33, 17],     [30, 1],     8,    False),  # GQA 3, decode-like row
+    ("turboquant4",     256, 1, 4, 32, [25, 70],     [25, 5],     None, False),  # full prefill + chunk
+    (SKETCHED,          128, 2, 2, 64, [100],        [40],        16,   False),
+    ("turboquant3_qjl", 96,  2, 2, 16, [30, 12],     [6, 12],     7,    True),   # head_dim 96
+]
+
+PROTECTED_DECODE_CASES = [
+    # preset,           d,  H, G, block, lens,                S, W,  sliding, splits, copy dtype
+    ("turboquant3",     64, 2, 2, 16, [0, 1, 6, 7, 40],       2, 4,  None,    2, torch.float32),
+    ("turboquant3_qjl", 64, 2, 4, 16, [5, 37],                4, 0,  None,    2, torch.bfloat16),
+    ("turboquant3_qjl", 64, 1, 3, 16, [20, 50],               0, 8,  12,      2, torch.float32),
+    ("turboquant4",     80, 2, 2, 32, [45, 10],               3, 5,  16,      3, torch.bfloat16),
+    (SKETCHED,          64, 1, 4, 16, [33],                   1, 40, None,    1, torch.float32),
+]
+
+PROTECTED_PREFILL_CASES = [
+    # preset,           d,  H, G, block, lens,     query_lens, S, W,  sliding, compressed, copy dtype
+    ("turboquant3",     64, 2, 2, 16, [30, 9],  [6, 9],     2, 4,  None,    False, torch.float32),
+    ("turboquant3",     64, 2, 2, 16, [30, 9],  [6, 9],     2, 4,  None,    True,  torch.bfloat16),
+    ("turboquant3_qjl", 64, 2, 4, 16, [40, 12], [10, 12],   4, 0,  16,      True,  torch.float32),
+    ("turboquant3_qjl", 64, 1, 2, 16, [33, 3],  [5, 3],     0, 8,  None,    False, torch.bfloat16),
+    ("turboquant4",     80, 2, 2, 16, [20, 6],  [4, 6],     3, 30, 10,      True,  torch.float32),
+    (SKETCHED,          64, 1, 4, 16, [26],     [7],        1, 3,  None,    True,  torch.float32),
+]

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import support
 from support import (
     SKETCHED,
     filled_cache,
@@ -284,15 +285,7 @@ DECODE_CASES = [
     ("turboquant4",      80,  2, 2,  24, [70, 23, 48],          None),    # block size 24: tiles span blocks
     ("turboquant3",      112, 1, 5,  8,  [41, 16],              30),      # block size 8, head_dim 112
     # test_kernels.py's decode matrix (its split counts dropped: the compiled ops have none)
-    ("turboquant3",      64,  2, 4,  16, [0, 1, 37, 100],       None),
-    ("turboquant4_qjl",  128, 1, 8,  32, [70, 5],               20),
-    ("turboquant2_qjl",  256, 2, 1,  64, [90, 64],              None),
-    ("turboquant3",      64,  3, 3,  16, [33, 17],              8),
-    ("turboquant4",      128, 2, 4,  64, [129, 1, 0],           64),
-    (SKETCHED,           64,  1, 16, 32, [50, 31],              None),
-    ("turboquant3_qjl",  256, 1, 4,  16, [40],                  1),
-    ("turboquant2",      128, 2, 8,  16, [200],                 100),
-    ("turboquant4_qjl",  96,  2, 3,  16, [37, 0, 5],            9),
+    *[case[:-1] for case in support.KERNEL_DECODE_CASES],
 ]
 
 
@@ -371,14 +364,7 @@ PREFILL_CASES = [
     ("turboquant4",      80,  2, 2, 24, [90, 33],           [17, 33],        40,   True),   # block size 24
     ("turboquant2",      128, 1, 4, 8,  [61, 40],           [21, 40],        None, False),  # block size 8
     # test_kernels.py's prefill matrix
-    ("turboquant3",      64,  2, 4, 16, [40, 20, 5],        [10, 20, 0],     None, False),
-    ("turboquant4_qjl",  128, 1, 8, 32, [70, 9],            [12, 3],         20,   False),
-    ("turboquant4_qjl",  128, 1, 8, 32, [70, 9],            [12, 3],         20,   True),
-    ("turboquant2_qjl",  256, 2, 1, 64, [50],               [7],             None, True),
-    ("turboquant3",      64,  3, 3, 16, [33, 17],           [30, 1],         8,    False),
-    ("turboquant4",      256, 1, 4, 32, [25, 70],           [25, 5],         None, False),
-    (SKETCHED,           128, 2, 2, 64, [100],              [40],            16,   False),
-    ("turboquant3_qjl",  96,  2, 2, 16, [30, 12],           [6, 12],         7,    True),
+    *support.KERNEL_PREFILL_CASES,
 ]
 
 
@@ -446,12 +432,8 @@ PROTECTED_DECODE_CASES = [
     ("turboquant4",      80, 2, 2, 32, [45, 10],               3, 5,  16,      torch.bfloat16),
     (SKETCHED,           64, 1, 4, 16, [33, 200],              1, 40, None,    torch.float32),
     ("turboquant3",      128, 3, 3, 24, [130, 70],             4, 64, None,    torch.float16),
-    # test_kernels_protected.py's decode matrix
-    ("turboquant3",      64, 2, 2, 16, [0, 1, 6, 7, 40],       2, 4,  None,    torch.float32),
-    ("turboquant3_qjl",  64, 2, 4, 16, [5, 37],                4, 0,  None,    torch.bfloat16),
-    ("turboquant3_qjl",  64, 1, 3, 16, [20, 50],               0, 8,  12,      torch.float32),
-    ("turboquant4",      80, 2, 2, 32, [45, 10],               3, 5,  16,      torch.bfloat16),
-    (SKETCHED,           64, 1, 4, 16, [33],                   1, 40, None,    torch.float32),
+    # test_kernels_protected.py's decode matrix (split counts dropped)
+    *[case[:9] + case[10:] for case in support.PROTECTED_DECODE_CASES],
 ]
 
 
@@ -487,12 +469,7 @@ PROTECTED_PREFILL_CASES = [
     ("turboquant3",     64,  3, 3, 32, [300, 140],   [100, 140], 4, 64, None,    True,  torch.float32),
     ("turboquant3",     64,  3, 3, 32, [300, 140],   [100, 40],  4, 64, None,    False, torch.float32),
     # test_kernels_protected.py's prefill matrix
-    ("turboquant3",     64,  2, 2, 16, [30, 9],      [6, 9],     2, 4,  None,    False, torch.float32),
-    ("turboquant3",     64,  2, 2, 16, [30, 9],      [6, 9],     2, 4,  None,    True,  torch.bfloat16),
-    ("turboquant3_qjl", 64,  2, 4, 16, [40, 12],     [10, 12],   4, 0,  16,      True,  torch.float32),
-    ("turboquant3_qjl", 64,  1, 2, 16, [33, 3],      [5, 3],     0, 8,  None,    False, torch.bfloat16),
-    ("turboquant4",     80,  2, 2, 16, [20, 6],      [4, 6],     3, 30, 10,      True,  torch.float32),
-    (SKETCHED,          64,  1, 4, 16, [26],         [7],        1, 3,  None,    True,  torch.float32),
+    *support.PROTECTED_PREFILL_CASES,
 ]
 
 

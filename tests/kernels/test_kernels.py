@@ -42,6 +42,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+import support  # noqa: E402
 from support import (  # noqa: E402
     DEVICE,
     SKETCHED,
@@ -163,18 +164,7 @@ def test_kernels_reject_a_non_contiguous_slot_dim():
 # paged decode
 # ---------------------------------------------------------------------------
 
-DECODE_CASES = [
-    # preset,            d,  H, G, block, seq_lens,          window, splits
-    ("turboquant3",     64,  2, 4, 16, [0, 1, 37, 100],    None,   2),  # empty, single token, mid-block
-    ("turboquant4_qjl", 128, 1, 8, 32, [70, 5],            20,     3),  # MQA, window, more splits than tiles
-    ("turboquant2_qjl", 256, 2, 1, 64, [90, 64],           None,   1),  # MHA, a block-aligned length
-    ("turboquant3",     64,  3, 3, 16, [33, 17],           8,      2),  # GQA 3 (SmolLM2 shape)
-    ("turboquant4",     128, 2, 4, 64, [129, 1, 0],        64,     4),
-    (SKETCHED,          64,  1, 16, 32, [50, 31],          None,   2),  # m = 48, optimal lambda
-    ("turboquant3_qjl", 256, 1, 4, 16, [40],               1,      2),  # window of one token
-    ("turboquant2",     128, 2, 8, 16, [200],              100,    3),
-    ("turboquant4_qjl", 96,  2, 3, 16, [37, 0, 5],         9,      2),  # head_dim not a power of two
-]
+DECODE_CASES = support.KERNEL_DECODE_CASES
 
 
 @pytest.mark.parametrize("preset,d,H,G,block_size,lens,window,splits", DECODE_CASES)
@@ -298,17 +288,7 @@ def test_store_then_decode_end_to_end():
 # prefill
 # ---------------------------------------------------------------------------
 
-PREFILL_CASES = [
-    # preset,            d,  H, G, block, seq_lens,     query_lens,  window, compressed_chunk
-    ("turboquant3",     64,  2, 4, 16, [40, 20, 5],  [10, 20, 0], None, False),  # prefix, fresh, idle seq
-    ("turboquant4_qjl", 128, 1, 8, 32, [70, 9],      [12, 3],     20,   False),  # MQA + window
-    ("turboquant4_qjl", 128, 1, 8, 32, [70, 9],      [12, 3],     20,   True),
-    ("turboquant2_qjl", 256, 2, 1, 64, [50],         [7],         None, True),
-    ("turboquant3",     64,  3, 3, 16, [33, 17],     [30, 1],     8,    False),  # GQA 3, decode-like row
-    ("turboquant4",     256, 1, 4, 32, [25, 70],     [25, 5],     None, False),  # full prefill + chunk
-    (SKETCHED,          128, 2, 2, 64, [100],        [40],        16,   False),
-    ("turboquant3_qjl", 96,  2, 2, 16, [30, 12],     [6, 12],     7,    True),   # head_dim 96
-]
+PREFILL_CASES = support.KERNEL_PREFILL_CASES
 
 
 def prefill_setup(preset, d, H, G, block_size, lens, query_lens, tables, seed=11, query_scale=1.0):

@@ -21,9 +21,9 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+import support  # noqa: E402
 from support import (  # noqa: E402
     DEVICE,
-    SKETCHED,
     assert_slots_match,
     filled_cache,
     jittered_tables,
@@ -71,14 +71,7 @@ def exact_copies(keys, values, tables, sink, window, dtype, first_query, chunk_e
 # decode
 # ---------------------------------------------------------------------------
 
-DECODE_CASES = [
-    # preset,           d,  H, G, block, lens,                S, W,  sliding, splits, copy dtype
-    ("turboquant3",     64, 2, 2, 16, [0, 1, 6, 7, 40],       2, 4,  None,    2, torch.float32),
-    ("turboquant3_qjl", 64, 2, 4, 16, [5, 37],                4, 0,  None,    2, torch.bfloat16),
-    ("turboquant3_qjl", 64, 1, 3, 16, [20, 50],               0, 8,  12,      2, torch.float32),
-    ("turboquant4",     80, 2, 2, 32, [45, 10],               3, 5,  16,      3, torch.bfloat16),
-    (SKETCHED,          64, 1, 4, 16, [33],                   1, 40, None,    1, torch.float32),
-]
+DECODE_CASES = support.PROTECTED_DECODE_CASES
 
 
 @pytest.mark.parametrize("preset,d,H,G,block_size,lens,sink,window,sliding,splits,dtype", DECODE_CASES)
@@ -145,15 +138,7 @@ def test_decode_shared_prefix_blocks():
 # prefill
 # ---------------------------------------------------------------------------
 
-PREFILL_CASES = [
-    # preset,           d,  H, G, block, lens,     query_lens, S, W,  sliding, compressed, copy dtype
-    ("turboquant3",     64, 2, 2, 16, [30, 9],  [6, 9],     2, 4,  None,    False, torch.float32),
-    ("turboquant3",     64, 2, 2, 16, [30, 9],  [6, 9],     2, 4,  None,    True,  torch.bfloat16),
-    ("turboquant3_qjl", 64, 2, 4, 16, [40, 12], [10, 12],   4, 0,  16,      True,  torch.float32),
-    ("turboquant3_qjl", 64, 1, 2, 16, [33, 3],  [5, 3],     0, 8,  None,    False, torch.bfloat16),
-    ("turboquant4",     80, 2, 2, 16, [20, 6],  [4, 6],     3, 30, 10,      True,  torch.float32),
-    (SKETCHED,          64, 1, 4, 16, [26],     [7],        1, 3,  None,    True,  torch.float32),
-]
+PREFILL_CASES = support.PROTECTED_PREFILL_CASES
 
 
 @pytest.mark.parametrize("preset,d,H,G,block_size,lens,query_lens,sink,window,sliding,compressed,dtype",
