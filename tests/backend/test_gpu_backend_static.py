@@ -403,9 +403,9 @@ def test_declared_layouts_are_the_block_compact_ones(root, ours):
 
 def test_gpu_head_sizes_are_the_ones_the_kernel_tests_cover(ours):
     """The head sizes both attention kernels (decode and prefill) are tested at; no other is accepted."""
-    kernel_tests = ast.parse((PACKAGE.parent / "tests" / "kernels" / "test_kernels.py").read_text())
+    kernel_tests = ast.parse((PACKAGE.parent / "tests" / "support.py").read_text())  # the kernel test matrices
     covered = [{ast.literal_eval(case.elts[1]) for case in _assigned(kernel_tests, name).elts}
-               for name in ("DECODE_CASES", "PREFILL_CASES")]
+               for name in ("KERNEL_DECODE_CASES", "KERNEL_PREFILL_CASES")]
     covered = covered[0] & covered[1]
     sizes = ast.literal_eval(_assigned(ours, "TESTED_HEAD_SIZES"))
     assert set(sizes) == covered, (sorted(sizes), sorted(covered))
