@@ -14,6 +14,7 @@ _SW = re.compile(r"s(\d+)w(\d+)")
 _ADHOC = re.compile(r"tq:k([1-4])v([1-4])")
 _QJL = re.compile(r"qjl(\d+(?:\.\d+)?|\.\d+)(\*?)")
 _EDGE = re.compile(r"edge(\d+)")
+_OPS = re.compile(r"ops(torch|triton|cpu)")
 ADHOC_PREFIX = "adhoc_"  # vLLM kv-cache dtype names of ad-hoc presets (``adhoc_preset``)
 PLAIN_PRESETS = ("turboquant2", "turboquant3", "turboquant4")
 
@@ -44,10 +45,13 @@ class Spec:
                                                   a prompt chunk attends to its own fresh K/V, vLLM's usual
                                                   semantics; without it a spec runs as served, every token
                                                   read back from the cache; TurboQuant only)
+               | "ops" IMPL                      (IMPL = torch | triton | cpu: the attention ops the worker's
+                                                  engine runs (VLLM_TURBOQUANT_OPS); triton without CUDA runs
+                                                  under the interpreter (TRITON_INTERPRET=1); TurboQuant only)
 
     Examples: ``tq:k4v2``, ``tq:k2v3+qjl1*`` (= turboquant3_qjl with lambda*), ``tq:k3v3+qjl0.5*+s4w64``,
     ``turboquant3+calibrated+s0w0``, ``turboquant3+edge1``, ``turboquant3+nocal``,
-    ``turboquant3+exactprefill``. An ad-hoc ``tq:``
+    ``turboquant3+exactprefill``, ``turboquant3+opstriton``. An ad-hoc ``tq:``
     preset has no protected tokens and no calibration by default (like the ``_qjl`` rows); give ``+sSwW``
     to compare at a plain preset's S / W. Without ``+calibrated`` / ``+nocal`` a spec runs as served:
     the plain presets with their automatic calibration (on the package's built-in text).
@@ -64,6 +68,7 @@ class Spec:
     center: bool = True        # False: +nocenter (calibrated codebooks without key centring)
     autocal: bool = False      # +autocal (tq: only): calibrated on the built-in text, as a plain preset is served
     exact_prefill: bool = False  # +exactprefill: compressed_prefill = false for the whole run
+    ops: str | None = None     # +opsIMPL: the worker's VLLM_TURBOQUANT_OPS; None = the environment's
 
     @property
     def turboquant(self) -> bool:
@@ -77,17 +82,19 @@ def parse_spec(spec: str) -> Spec:
     base, *flags = spec.split("+")
     seen: set[str] = set()
     qjl: tuple[float, bool] | None = None
-    qjl_flag, protected, edge = "", None, 0
+    qjl_flag, protected, edge, ops = "", None, 0, None
     for flag in flags:
         kind = (flag if flag in ("calibrated", "nocal", "nocenter", "autocal", "exactprefill") else
                 "sSwW" if _SW.fullmatch(flag) else
-                "qjl" if _QJL.fullmatch(flag) else "edge" if _EDGE.fullmatch(flag) else None)
+                "qjl" if _QJL.fullmatch(flag) else "edge" if _EDGE.fullmatch(flag) else
+                "ops" if _OPS.fullmatch(flag) else None)
         if kind is None:
             raise ValueError(f"unknown dtype suffix {flag!r} in {spec!r}; accepted: +calibrated, +nocal, "
                              "+nocenter (with +calibrated), +autocal (tq: specs), +sSwW "
                              "(protected tokens, e.g. +s4w64), +edgeN (first/last N layers bf16), "
                              "+qjlR / +qjlR* (tq: specs: QJL sketch m = R*d, lambda 1 / lambda*), "
-                             "+exactprefill (compressed_prefill = false for the whole run)")
+                             "+exactprefill (compressed_prefill = false for the whole run), "
+                             "+opsIMPL (IMPL: torch, triton, cpu)")
         if kind in seen:
             raise ValueError(f"{spec!r}: suffix +{kind} given twice")
         seen.add(kind)
@@ -101,6 +108,8 @@ def parse_spec(spec: str) -> Spec:
             edge = int(_EDGE.fullmatch(flag).group(1))
             if edge < 1:
                 raise ValueError(f"{spec!r}: +edgeN needs N >= 1")
+        elif kind == "ops":
+            ops = _OPS.fullmatch(flag).group(1)
     calibrated, nocal, autocal = ("calibrated" in seen, "nocal" in seen, "autocal" in seen)
     center = "nocenter" not in seen
     exact = "exactprefill" in seen
@@ -117,17 +126,17 @@ def parse_spec(spec: str) -> Spec:
         name = f"{ADHOC_PREFIX}k{kb}v{vb}" + (f"_qjl{ratio:g}{'opt' if optimal else ''}" if ratio else "")
         preset = Preset(name, kb, vb, qjl_ratio=ratio, qjl_scale="optimal" if optimal else "unbiased",
                         description=f"ad-hoc (evals.run): {base}" + (f"+{qjl_flag}" if ratio else ""))
-        return Spec(spec, name, preset, True, calibrated, protected, edge, nocal, center, autocal, exact)
+        return Spec(spec, name, preset, True, calibrated, protected, edge, nocal, center, autocal, exact, ops)
     if base.startswith("tq:"):
         raise ValueError(f"{spec!r}: an ad-hoc base is tq:kKvV with K, V in 1..4 (e.g. tq:k4v2)")
     if qjl is not None or autocal:
         raise ValueError(f"{spec!r}: +qjlR and +autocal apply to ad-hoc tq:kKvV bases only (a plain preset "
                          "is auto-calibrated as served; named presets are fixed)")
     preset = PRESETS.get(base)
-    if preset is None and (calibrated or protected or edge or nocal or exact):
-        raise ValueError(f"{spec!r}: +calibrated / +nocal / +sSwW / +edgeN / +exactprefill need a TurboQuant "
-                         "preset or a tq: spec")
-    return Spec(spec, base, preset, False, calibrated, protected, edge, nocal, center, exact_prefill=exact)
+    if preset is None and (calibrated or protected or edge or nocal or exact or ops):
+        raise ValueError(f"{spec!r}: +calibrated / +nocal / +sSwW / +edgeN / +exactprefill / +opsIMPL need a "
+                         "TurboQuant preset or a tq: spec")
+    return Spec(spec, base, preset, False, calibrated, protected, edge, nocal, center, exact_prefill=exact, ops=ops)
 
 
 def split_dtype(spec: str) -> tuple[str, bool]:

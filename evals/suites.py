@@ -64,6 +64,13 @@ SUITES: dict[str, dict[str, Any]] = {
         "loglik_tasks": [], "loglik_limit": 0, "ruler_tasks": [],
         "ruler_lengths": {"smollm2": [], "gemma3": []}, "ruler_samples": 0,
     },
+    # one short perplexity window per model: the ops implementations compared on the same tokens (torch
+    # reference against the Triton kernels under TRITON_INTERPRET=1, which runs ~10^3 x slower than CUDA)
+    "ppl_ops": {
+        "ppl": {"smollm2": (1, 256), "gemma3": (1, 256)},
+        "loglik_tasks": [], "loglik_limit": 0, "ruler_tasks": [],
+        "ruler_lengths": {"smollm2": [], "gemma3": []}, "ruler_samples": 0,
+    },
     # fact retrieval (issue #18 item 1(a)): seeded passages of 1K / 4K tokens with 1 or 3 facts at the
     # start / middle / end, a question about one, the answer generated after the prompt; no perplexity
     "facts": {

@@ -52,13 +52,20 @@ def run_worker(spec: str, model: str, suite: str, json_path: Path, overrides: di
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # engine core in this process (fast start, inspectable)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     t_start = time.perf_counter()
+    parsed = parse_spec(spec)
+    if parsed.ops:   # before anything imports Triton: the interpreter is chosen when a kernel is defined
+        os.environ["VLLM_TURBOQUANT_OPS"] = parsed.ops
+        if parsed.ops == "triton":
+            import torch
+
+            if not torch.cuda.is_available():
+                os.environ["TRITON_INTERPRET"] = "1"
     from evals.lmeval import evaluate
     from evals.perplexity import perplexity, resolve_model
 
     name, path = resolve_model(model)
     facts = model_facts(path)
     cfg = suite_config(suite, name, overrides)
-    parsed = parse_spec(spec)
     dtype, calibrated, tq = parsed.dtype, parsed.calibrated, parsed.turboquant
     if parsed.adhoc:
         engine.register_adhoc(parsed.preset)   # before the engine is built

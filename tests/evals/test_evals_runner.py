@@ -114,7 +114,12 @@ def test_adhoc_spec_parser_presets_and_bytes():
     # +autocal: an ad-hoc encoder calibrated the way a plain preset is served
     auto = specs.parse_spec("tq:k3v1+autocal+s4w128")
     assert (auto.autocal, auto.calibrated, auto.nocal, auto.protected) == (True, False, False, (4, 128))
-    for bad in ("tq:k5v2", "tq:k3", "turboquant3+qjl1*", "tq:k3v3+qjl0", "auto+edge1", "auto+calibrated",
+    # +opsIMPL: the attention ops a worker's engine runs (the implementations compared on the same tokens)
+    assert [specs.parse_spec(f"turboquant3+ops{o}").ops for o in ("torch", "triton", "cpu")] == \
+        ["torch", "triton", "cpu"]
+    assert specs.parse_spec("turboquant3").ops is None and specs.parse_spec("tq:k4v2+opstorch").ops == "torch"
+    for bad in ("auto+opstorch", "turboquant3+opscuda", "turboquant3+opstorch+opstriton",
+                "tq:k5v2", "tq:k3", "turboquant3+qjl1*", "tq:k3v3+qjl0", "auto+edge1", "auto+calibrated",
                 "tq:k3v3+s4w64+s0w0", "tq:k3v3+qjl1x", "auto+nocal", "turboquant3+calibrated+nocal",
                 "turboquant3+nocal+nocal", "turboquant3+nocenter", "tq:k4v2+nocal+nocenter",
                 "turboquant3+autocal", "tq:k3v1+autocal+calibrated", "tq:k3v1+autocal+nocal"):
