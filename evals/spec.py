@@ -15,6 +15,7 @@ _ADHOC = re.compile(r"tq:k([1-4])v([1-4])")
 _QJL = re.compile(r"qjl(\d+(?:\.\d+)?|\.\d+)(\*?)")
 _EDGE = re.compile(r"edge(\d+)")
 _OPS = re.compile(r"ops(torch|triton|cpu)")
+_FLAGS = ("calibrated", "nocal", "nocenter", "autocal", "exactprefill", "lsq")
 ADHOC_PREFIX = "adhoc_"  # vLLM kv-cache dtype names of ad-hoc presets (``adhoc_preset``)
 PLAIN_PRESETS = ("turboquant2", "turboquant3", "turboquant4")
 
@@ -45,6 +46,9 @@ class Spec:
                                                   a prompt chunk attends to its own fresh K/V, vLLM's usual
                                                   semantics; without it a spec runs as served, every token
                                                   read back from the cache; TurboQuant only)
+               | "lsq"                           (tq: bases only, no QJL: least-squares scales in the norm fields,
+                                                  ``Preset.lsq_scale``; runs on the torch ops, the only ones
+                                                  that encode it)
                | "ops" IMPL                      (IMPL = torch | triton | cpu: the attention ops the worker's
                                                   engine runs (VLLM_TURBOQUANT_OPS); triton without CUDA runs
                                                   under the interpreter (TRITON_INTERPRET=1); TurboQuant only)
@@ -84,7 +88,7 @@ def parse_spec(spec: str) -> Spec:
     qjl: tuple[float, bool] | None = None
     qjl_flag, protected, edge, ops = "", None, 0, None
     for flag in flags:
-        kind = (flag if flag in ("calibrated", "nocal", "nocenter", "autocal", "exactprefill") else
+        kind = (flag if flag in _FLAGS else
                 "sSwW" if _SW.fullmatch(flag) else
                 "qjl" if _QJL.fullmatch(flag) else "edge" if _EDGE.fullmatch(flag) else
                 "ops" if _OPS.fullmatch(flag) else None)
@@ -94,6 +98,7 @@ def parse_spec(spec: str) -> Spec:
                              "(protected tokens, e.g. +s4w64), +edgeN (first/last N layers bf16), "
                              "+qjlR / +qjlR* (tq: specs: QJL sketch m = R*d, lambda 1 / lambda*), "
                              "+exactprefill (compressed_prefill = false for the whole run), "
+                             "+lsq (tq: specs: least-squares scales), "
                              "+opsIMPL (IMPL: torch, triton, cpu)")
         if kind in seen:
             raise ValueError(f"{spec!r}: suffix +{kind} given twice")
@@ -112,7 +117,7 @@ def parse_spec(spec: str) -> Spec:
             ops = _OPS.fullmatch(flag).group(1)
     calibrated, nocal, autocal = ("calibrated" in seen, "nocal" in seen, "autocal" in seen)
     center = "nocenter" not in seen
-    exact = "exactprefill" in seen
+    exact, lsq = "exactprefill" in seen, "lsq" in seen
     if not center and not calibrated:
         raise ValueError(f"{spec!r}: +nocenter changes a +calibrated fit; give both")
     if calibrated + nocal + autocal > 1:
@@ -123,14 +128,20 @@ def parse_spec(spec: str) -> Spec:
         ratio, optimal = qjl or (0.0, False)
         if qjl is not None and ratio <= 0:
             raise ValueError(f"{spec!r}: +qjlR needs R > 0")
-        name = f"{ADHOC_PREFIX}k{kb}v{vb}" + (f"_qjl{ratio:g}{'opt' if optimal else ''}" if ratio else "")
+        if lsq and (ratio or ops not in (None, "torch")):
+            raise ValueError(f"{spec!r}: +lsq needs a spec without +qjlR, on the torch ops (the only ones "
+                             "that encode least-squares scales)")
+        name = (f"{ADHOC_PREFIX}k{kb}v{vb}" + (f"_qjl{ratio:g}{'opt' if optimal else ''}" if ratio else "")
+                + ("_lsq" if lsq else ""))
         preset = Preset(name, kb, vb, qjl_ratio=ratio, qjl_scale="optimal" if optimal else "unbiased",
-                        description=f"ad-hoc (evals.run): {base}" + (f"+{qjl_flag}" if ratio else ""))
-        return Spec(spec, name, preset, True, calibrated, protected, edge, nocal, center, autocal, exact, ops)
+                        lsq_scale=lsq, description=f"ad-hoc (evals.run): {base}" + (f"+{qjl_flag}" if ratio else "")
+                        + ("+lsq" if lsq else ""))
+        return Spec(spec, name, preset, True, calibrated, protected, edge, nocal, center, autocal, exact,
+                    "torch" if lsq else ops)
     if base.startswith("tq:"):
         raise ValueError(f"{spec!r}: an ad-hoc base is tq:kKvV with K, V in 1..4 (e.g. tq:k4v2)")
-    if qjl is not None or autocal:
-        raise ValueError(f"{spec!r}: +qjlR and +autocal apply to ad-hoc tq:kKvV bases only (a plain preset "
+    if qjl is not None or autocal or lsq:
+        raise ValueError(f"{spec!r}: +qjlR, +lsq and +autocal apply to ad-hoc tq:kKvV bases only (a plain preset "
                          "is auto-calibrated as served; named presets are fixed)")
     preset = PRESETS.get(base)
     if preset is None and (calibrated or protected or edge or nocal or exact or ops):
@@ -211,7 +222,7 @@ def encoding(preset) -> str:
         r = preset.qjl_ratio
         m = "d" if r == 1 else f"{r:g}d" if r > 1 else f"d/{1 / r:g}" if (1 / r).is_integer() else f"{r:g}d"
         k += f"+QJL m={m} " + ("λ=1" if preset.qjl_scale == "unbiased" else "λ*")
-    return f"{k} / V{preset.value_bits}"
+    return f"{k} / V{preset.value_bits}" + (" (LSQ scales)" if getattr(preset, "lsq_scale", False) else "")
 
 
 def spec_filename(spec: str) -> str:

@@ -31,23 +31,21 @@ reference, with one warning that says how to build it.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import weakref
 from pathlib import Path
 
 import torch
 
-from . import reference as _reference
 from .layout import CacheFormat, cache_format
-from .protected import ProtectedTokens
+from .ops import check_sliding_window
+from .protected import ProtectedTokens, is_active
 from .registry import LayerTables
 
 #: This module's name in ``vllm_turboquant.ops.IMPLEMENTATIONS``.
 NAME = "cpu"
 __all__ = ["NAME", "write_cache", "paged_decode", "prefill", "available", "unavailable_reason", "isa", "set_isa"]
 
-logger = logging.getLogger("vllm.vllm_turboquant")
 
 #: How to get the library when it is missing.
 BUILD_HINT = ("reinstall the package to build it: pip install -e <repository> (or pip install --no-deps "
@@ -112,7 +110,6 @@ _CHUNK_CACHED, _CHUNK_EXACT, _CHUNK_SKIP = 0, 1, 2
 
 _lib: ctypes.CDLL | None = None
 _why_not: str | None = None
-_warned = False
 
 
 def _library_path() -> Path | None:
@@ -185,18 +182,6 @@ def _need() -> ctypes.CDLL:
     return lib
 
 
-def _fallback() -> bool:
-    """True when the reference must serve (once: a warning naming the cause and the fix)."""
-    global _warned
-    if _load() is not None:
-        return False
-    if not _warned:
-        _warned = True
-        logger.warning("vllm-turboquant: the compiled CPU ops are unavailable (%s); the torch reference serves "
-                       "instead, ~10x slower. To fix: %s", _why_not, BUILD_HINT)
-    return True
-
-
 def _check(rc: int) -> None:
     if rc != 0:
         raise ValueError(_lib.tq_last_error().decode())
@@ -265,10 +250,6 @@ def _layer(tables: LayerTables, fmt: CacheFormat) -> _Layer:
 # argument checks and conversion
 # ---------------------------------------------------------------------------------------------
 
-def _format(fmt: CacheFormat | str, head_dim: int) -> CacheFormat:
-    return fmt if type(fmt) is CacheFormat and fmt.head_dim == head_dim else cache_format(fmt, head_dim)
-
-
 def _cache(cache: torch.Tensor, layer: _Layer) -> _Cache:
     shape, strides = cache.shape, cache.stride()
     if cache.dtype != torch.uint8 or len(shape) != 4 or not cache.is_cpu:
@@ -323,18 +304,6 @@ def _set_kv(args, key: torch.Tensor, value: torch.Tensor, heads: int, d: int) ->
     return value
 
 
-def _check_window(sliding_window: int | None) -> int:
-    if sliding_window is None:
-        return 0
-    if int(sliding_window) < 1:
-        raise ValueError(f"sliding_window must be None or >= 1, got {sliding_window!r}")
-    return int(sliding_window)
-
-
-def _protected_on(protected: ProtectedTokens | None) -> bool:
-    return protected is not None and protected.sink + protected.window > 0
-
-
 # ---------------------------------------------------------------------------------------------
 # the ops
 # ---------------------------------------------------------------------------------------------
@@ -344,9 +313,9 @@ def write_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tens
                 exact_slot_mapping: torch.Tensor | None = None) -> None:
     """``ops.AttentionOps.write_cache``: every slot bit-identical to the reference's (float64 encode), and
     the exact copies too (rotated in float64, rounded once). (A preset name for ``fmt`` is accepted too.)"""
-    if _lib is None and _fallback():
-        return _reference.write_cache(cache, slot_mapping, key, value, tables, fmt, protected, exact_slot_mapping)
-    fmt = _format(fmt, key.shape[-1])
+    if _lib is None:
+        _need()
+    fmt = cache_format(fmt, key.shape[-1])
     layer = _layer(tables, fmt)
     args = _WriteArgs()
     args.cache = _cache(cache, layer)
@@ -357,7 +326,8 @@ def write_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tens
     args.slot_mapping, args.slot_dtype = slots.data_ptr(), _INT_CODES[slots.dtype]
     if protected is not None and exact_slot_mapping is not None:
         exact = _ints(exact_slot_mapping)
-        n = min(n, exact.shape[0])
+        if exact.shape[0] < n:  # (fewer copies than tokens: the rest have none, their packed slots are written)
+            exact = torch.cat([exact, exact.new_full((n - exact.shape[0],), -1)])
         args.exact = _exact_cache(protected, layer, fmt.head_dim)
         args.exact_slot_mapping, args.exact_slot_dtype = exact.data_ptr(), _INT_CODES[exact.dtype]
         keep.append(exact)
@@ -370,12 +340,13 @@ def _attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tens
                tables: LayerTables, fmt: CacheFormat | str, scale: float, sliding_window: int | None,
                protected: ProtectedTokens | None, query_start_loc: torch.Tensor | None, chunk: int = _CHUNK_CACHED,
                key: torch.Tensor | None = None, value: torch.Tensor | None = None, lse: bool = False):
-    """The library's attention: out (T, Hq, d) float32, and with ``lse`` the log-sum-exp (T, Hq) of the
-    scaled scores of <q, k - mu> over the keys attended too."""
-    window = _check_window(sliding_window)
+    """The library's attention: out (T, Hq, d) float32, and with ``lse`` the log-sum-exp (T, Hq) float32, in
+    natural-log units, of the scaled scores scale·<q, k - mu> over the keys attended to (what ``_flash``'s
+    log-sum-exp is merged with)."""
+    window = check_sliding_window(sliding_window)
     query = _floats(query, "query")
     T, Hq, d = query.shape
-    fmt = _format(fmt, d)
+    fmt = cache_format(fmt, d)
     layer = _layer(tables, fmt)
     if Hq % layer.num_heads:
         raise ValueError(f"query heads ({Hq}) must be a multiple of the KV heads ({layer.num_heads})")
@@ -407,7 +378,7 @@ def _attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tens
     elif sl.shape[0] != T:
         raise ValueError(f"decode takes one query per sequence: {T} queries, {sl.shape[0]} sequences")
     args.scale, args.sliding_window = float(scale), window
-    if protected is not None and protected.sink + protected.window > 0:
+    if is_active(protected):
         pbt = _ints(protected.block_table, 2)
         if pbt.dim() != 2 or pbt.shape[0] < sl.shape[0]:
             raise ValueError(f"protected.block_table {tuple(pbt.shape)} must have a row per sequence ({sl.shape[0]})")
@@ -452,7 +423,7 @@ def _prefill_exact_chunks(query: torch.Tensor, key: torch.Tensor, value: torch.T
                           protected: ProtectedTokens | None) -> torch.Tensor:
     """Prefill whose chunks attend their own exact K/V: the kernels attend what is cached before each
     chunk (log-sum-exp of scores <q, k - mu>), ``_flash`` the chunk, merged by the two log-sum-exps."""
-    _check_window(sliding_window)
+    check_sliding_window(sliding_window)
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
     T, Hq, d = query.shape
     H = key.shape[1]
@@ -461,7 +432,7 @@ def _prefill_exact_chunks(query: torch.Tensor, key: torch.Tensor, value: torch.T
         out, lse = _attention(query, cache, block_table, seq_lens, tables, fmt, scale, sliding_window, protected,
                               query_start_loc, _CHUNK_SKIP, lse=True)
     else:  # no prefix anywhere (a cold prompt)
-        _format(fmt, d)
+        cache_format(fmt, d)
         out = torch.zeros(T, Hq, d, dtype=torch.float32)
     for b, (a, z) in enumerate(zip(starts[:-1], starts[1:], strict=False)):
         if z == a:
@@ -486,9 +457,8 @@ def paged_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Te
                  tables: LayerTables, fmt: CacheFormat, scale: float,
                  sliding_window: int | None = None, protected: ProtectedTokens | None = None) -> torch.Tensor:
     """``ops.AttentionOps.paged_decode``. (A preset name for ``fmt`` is accepted too.)"""
-    if _lib is None and _fallback():
-        return _reference.paged_decode(query, cache, block_table, seq_lens, tables, fmt, scale, sliding_window,
-                                       protected)
+    if _lib is None:
+        _need()
     return _attention(query, cache, block_table, seq_lens, tables, fmt, scale, sliding_window, protected, None)
 
 
@@ -501,11 +471,10 @@ def prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: 
     kernels (the same bits as decode). Otherwise the kernels attend the cached prefix and torch's fused
     float32 flash attention the chunk's own K/V, and the two are merged by their log-sum-exps.
     ``max_query_len`` is not needed. (A preset name for ``fmt`` is accepted too.)"""
-    if _lib is None and _fallback():
-        return _reference.prefill(query, key, value, cache, block_table, query_start_loc, seq_lens, tables, fmt,
-                                  scale, sliding_window, compressed_chunk, protected, max_query_len)
+    if _lib is None:
+        _need()
     if compressed_chunk:  # with protected tokens, the chunk's own copies are made from its K/V (as stored)
-        own = _protected_on(protected)
+        own = is_active(protected)
         return _attention(query, cache, block_table, seq_lens, tables, fmt, scale, sliding_window, protected,
                           query_start_loc, key=key if own else None, value=value if own else None)
     return _prefill_exact_chunks(query, key, value, cache, block_table, query_start_loc, seq_lens, tables, fmt, scale,

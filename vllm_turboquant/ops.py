@@ -126,8 +126,32 @@ def resolve(name: str, device: torch.device) -> str:
     return name
 
 
-def load_ops(name: str, device: torch.device) -> AttentionOps:
-    """The implementation module for ``name`` (see ``resolve``) on ``device``, checked against the protocol."""
+def check_sliding_window(sliding_window: int | None) -> int:
+    """The contract's ``sliding_window`` as an int (0: none, for None); ValueError unless None or >= 1."""
+    if sliding_window is None:
+        return 0
+    if isinstance(sliding_window, bool) or int(sliding_window) < 1:
+        raise ValueError(f"sliding_window must be None or >= 1, got {sliding_window!r}")
+    return int(sliding_window)
+
+
+#: The implementations that encode ``Preset.lsq_scale`` (an accuracy lever under evaluation: reference only).
+LSQ_SCALE_OPS = ("torch",)
+
+
+def check_preset(name: str, preset) -> None:
+    """Raise ValueError when the ops ``name`` (after ``resolve``) cannot encode ``preset``
+    (``Preset.lsq_scale`` outside ``LSQ_SCALE_OPS``), naming the ops that can."""
+    if getattr(preset, "lsq_scale", False) and name not in LSQ_SCALE_OPS:
+        raise ValueError(f"preset {preset.name!r} stores least-squares scales (lsq_scale), which only the "
+                         f"{'/'.join(LSQ_SCALE_OPS)} ops implement; got ops={name!r}: set ops='torch'")
+
+
+def load_ops(name: str, device: torch.device, preset=None) -> AttentionOps:
+    """The implementation module for ``name`` (see ``resolve``) on ``device``, checked against the protocol
+    and, when given, against ``preset`` (``check_preset``: ValueError)."""
+    if preset is not None:
+        check_preset(resolve(name, device), preset)
     module = importlib.import_module(IMPLEMENTATIONS[resolve(name, device)])
     check_implements(module)
     return module  # type: ignore[return-value]

@@ -28,6 +28,11 @@ class Preset:
         the run's settings may override them. 0 / 0 is plain TurboQuant.
     auto_calibrate: with the default ``calibration = "auto"`` setting, fit per-head codebooks
         and key means to the model once, at its first engine start (``calibrate.py``).
+    lsq_scale: store, in each key's and value's norm field, the least-squares scale of its codes,
+        s = ‖x‖ ⟨y, c⟩ / ⟨c, c⟩ (y the rotated unit vector, c its centroids: the s minimising
+        ‖x − s Πᵀ c‖), in place of ‖x‖. Same bytes, same decoder; an accuracy lever under evaluation,
+        implemented by the torch reference ops only (``ops.LSQ_SCALE_OPS``). Needs qjl_ratio = 0 (the
+        QJL residual is defined against the norm-scaled reconstruction).
     """
 
     name: str
@@ -39,6 +44,7 @@ class Preset:
     window: int = 0
     auto_calibrate: bool = False
     description: str = ""
+    lsq_scale: bool = False
 
     def __post_init__(self) -> None:
         for field, bits in (("key_bits", self.key_bits), ("value_bits", self.value_bits)):
@@ -48,6 +54,8 @@ class Preset:
             raise ValueError(f"preset {self.name!r}: sink={self.sink}, window={self.window}, accepted: >= 0")
         if not 0.0 <= self.qjl_ratio <= 4.0:
             raise ValueError(f"preset {self.name!r}: qjl_ratio={self.qjl_ratio}, accepted: 0..4")
+        if self.lsq_scale and self.qjl_ratio:
+            raise ValueError(f"preset {self.name!r}: lsq_scale=True needs qjl_ratio=0 (got {self.qjl_ratio})")
         if self.qjl_scale not in ("unbiased", "optimal"):
             raise ValueError(
                 f"preset {self.name!r}: qjl_scale={self.qjl_scale!r}, accepted: 'unbiased', 'optimal'"

@@ -64,6 +64,11 @@ class ProtectedTokens:
         return self.cache[self.block_table[seq, pos // bs].long(), pos % bs]
 
 
+def is_active(protected: ProtectedTokens | None) -> bool:
+    """Whether an op call reads exact copies at all: ``protected`` given with S + W > 0."""
+    return protected is not None and protected.sink + protected.window > 0
+
+
 def check_sink_window(sink: int, window: int) -> None:
     """Raise ValueError unless both are integers >= 0."""
     for name, v in (("sink", sink), ("window", window)):

@@ -44,8 +44,9 @@ from .layout import (
     unpack_slots,
     word_table,
 )
-from .presets import Preset
-from .protected import ProtectedTokens, exact_rows, protected_mask, protected_positions
+from .ops import check_sliding_window
+from .presets import Preset, get_preset
+from .protected import ProtectedTokens, exact_rows, is_active, protected_mask, protected_positions
 from .registry import LayerTables
 
 #: This module's name in ``ops.IMPLEMENTATIONS``.
@@ -103,6 +104,16 @@ def reconstruct(codes: torch.Tensor, norm: torch.Tensor, rotation: torch.Tensor,
     return norm.to(dt).unsqueeze(-1) * torch.einsum("...he,hed->...hd", y, rotation.to(dt))
 
 
+def lsq_scale(norm: torch.Tensor, y: torch.Tensor, codes: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """The least-squares scale (N, H) of codes (N, H, d) for vectors of norm ``norm`` (N, H) whose rotated unit
+    vectors are y (N, H, d): s = ‖x‖ ⟨y, c⟩ / ⟨c, c⟩ with c = centroids[codes] (per head, (H, K)), the s that
+    minimises ‖x − s Πᵀ c‖; clamped at 0 (a norm field holds s ≥ 0), ‖x‖ where ⟨c, c⟩ = 0. ``Preset.lsq_scale``."""
+    c = lookup(codes, centroids.to(y.dtype))
+    cc = (c * c).sum(-1)
+    yc = (y * c).sum(-1).clamp_min(0.0)
+    return torch.where(cc > 0, norm * yc / torch.where(cc > 0, cc, 1.0), norm)
+
+
 def _f16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float16).float()
 
@@ -114,7 +125,10 @@ def encode(key: torch.Tensor, value: torch.Tensor, tables: LayerTables, preset: 
         signs, gamma = sketch(y, codes, tables.key_centroids, tables.qjl)
     else:
         signs, gamma = n.new_zeros(*n.shape, 0), torch.zeros_like(n)
-    vcodes, nv, _ = quantize(value, tables.value_rotation, tables.value_boundaries)
+    vcodes, nv, yv = quantize(value, tables.value_rotation, tables.value_boundaries)
+    if get_preset(preset).lsq_scale:
+        n = lsq_scale(n, y, codes, tables.key_centroids)
+        nv = lsq_scale(nv, yv, vcodes, tables.value_centroids)
     return SlotFields(key_codes=codes, key_norm=stored_norm(n), key_signs=signs, key_gamma=_f16(gamma),
                       value_codes=vcodes, value_norm=stored_norm(nv))
 
@@ -324,6 +338,7 @@ def paged_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Te
     """``ops.AttentionOps.paged_decode``, all sequences at once: slots gathered head-major and decoded to
     centroid values, protected positions with a copy overwritten by their exact rotated rows (norm 1, no
     QJL term), scores and value sums as batched float64 matmuls. (A preset name for ``fmt`` is accepted.)"""
+    check_sliding_window(sliding_window)
     fmt = cache_format(fmt, query.shape[-1])
     B, Hq, d = query.shape
     acc = _in_acc(tables)
@@ -331,7 +346,7 @@ def paged_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Te
     H = t.num_heads
     L = int(seq_lens.max()) if B else 0
     tok = _read_tokens(gather_slots(cache, block_table, L).transpose(1, 2), fmt.layout, acc)
-    if protected is not None and protected.sink + protected.window > 0 and L:
+    if is_active(protected) and L:
         # only the (at most S + W) protected positions of each sequence are touched
         b_idx, p_idx, rows = _decode_exact(protected, seq_lens)
         tok.put_exact(b_idx, p_idx, rows)
@@ -398,11 +413,12 @@ def prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: 
     for them. A chunk that attends to its own exact K/V without protected tokens (vLLM's usual
     semantics) goes through torch's fused float32 attention over the dequantised prefix.
     """
+    check_sliding_window(sliding_window)
     fmt = cache_format(fmt, query.shape[-1])
     T, Hq, d = query.shape
     layout = fmt.layout
     out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
-    guard = protected is not None and protected.sink + protected.window > 0
+    guard = is_active(protected)
     acc = _in_acc(tables)
     t = acc.tables
     H, G = t.num_heads, Hq // t.num_heads

@@ -152,6 +152,13 @@ def test_ops_triton_needs_a_driver_or_the_interpreter():
     with pytest.raises(ValueError, match="ops='cpu'.*CPU platform only"):
         check_usable(load_settings({"turboquant": {"ops": "cpu"}}, environ={}), "cuda", "X", environ={})
     check_usable(load_settings({}, environ={}), "cpu", environ={})
+    # a preset only the torch ops encode (Preset.lsq_scale) is refused before the engine starts, naming the fix
+    from vllm_turboquant.presets import Preset
+
+    lsq = Preset("t_lsq", 3, 1, lsq_scale=True)
+    with pytest.raises(ValueError, match=r"ops='auto' \(from X\): .*'t_lsq'.*set ops='torch'"):
+        check_usable(load_settings({}, environ={}), "cpu", "X", environ={}, preset=lsq)
+    check_usable(load_settings({"turboquant": {"ops": "torch"}}, environ={}), "cpu", "X", environ={}, preset=lsq)
 
 
 def test_check_argv_reads_the_command_line_and_environment(tmp_path):

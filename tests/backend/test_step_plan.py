@@ -48,6 +48,15 @@ def test_plan_of_a_decode_only_batch_has_no_prefill():
     assert meta.decode_only and meta.num_decodes == 3 and meta.prefill_query_start_loc is None
 
 
+def test_an_empty_request_inside_a_decode_batch_is_planned_not_assumed_away():
+    """max_query_len 1 means 'decode-only' only while row i is request i: empty requests may trail (CUDA-graph
+    padding), but one in the middle shifts the rows, so the batch gets index tensors."""
+    padded = L.plan_step(common_metadata([1, 1, 0, 0], [5, 6, 0, 0]), torch.device("cpu"))
+    assert padded.decode_only and padded.decode_reqs is None and padded.prefill_query_start_loc is None
+    hole = L.plan_step(common_metadata([1, 0, 1], [5, 0, 7]), torch.device("cpu"))
+    assert hole.decode_only and hole.num_decodes == 2 and hole.decode_reqs.tolist() == [0, 2]
+
+
 class RecordingOps:
     """Stands in for an ops implementation: records what the layer hands it."""
 

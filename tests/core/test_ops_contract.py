@@ -58,3 +58,16 @@ def test_load_ops_resolves_auto_and_refuses_unknown_names():
     assert ops.resolve("auto", torch.device("cpu")) in ops.IMPLEMENTATIONS
     with pytest.raises(ValueError, match=r"ops='bogus'; accepted: auto, torch, triton"):
         ops.resolve("bogus", torch.device("cpu"))
+
+
+def test_only_the_reference_encodes_lsq_scales():
+    """Preset.lsq_scale (an accuracy lever under evaluation) is encoded by the torch ops only: asking any other
+    implementation for it is refused, naming ops='torch'."""
+    from vllm_turboquant.presets import Preset
+
+    lsq = Preset("t_lsq", 3, 1, lsq_scale=True)
+    assert ops.load_ops("torch", torch.device("cpu"), lsq) is reference
+    for name in ("triton", "cpu", "auto"):
+        with pytest.raises(ValueError, match=rf"'t_lsq' stores least-squares scales.*ops={name!r}: set ops='torch'"):
+            ops.check_preset(name, lsq)
+    ops.check_preset("cpu", Preset("t_plain", 3, 1))

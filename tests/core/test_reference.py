@@ -151,3 +151,34 @@ def test_fused_attention_equals_dense_attention():
         pos = torch.arange(13, 20)
         fused = R.fused_attention(q, k, v, 0.125, pos, window)
         assert rel_err(fused, R.dense_attention(q, k, v, 0.125, pos, window)) < 1e-5
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_lsq_scale_is_the_least_squares_fit_and_never_worse_than_the_norm(bits):
+    """Preset.lsq_scale: each norm field holds argmin_s ‖x − s Πᵀ c‖ (solved here by torch.linalg.lstsq on the
+    dequantised unit-norm direction), so every vector's reconstruction error is at most the norm-scaled one's."""
+    from vllm_turboquant.layout import stored_norm
+    from vllm_turboquant.presets import Preset
+
+    d, H, N = 64, 2, 40
+    norm_p, lsq_p = Preset("t_norm", bits, bits), Preset("t_lsq", bits, bits, lsq_scale=True)
+    tables = registry_tables(norm_p, d, H, key_mean=True)
+    g = torch.Generator().manual_seed(5)
+    k, v = torch.randn(N, H, d, generator=g) * 3, torch.randn(N, H, d, generator=g)
+    f_norm, f_lsq = R.encode(k, v, tables, norm_p), R.encode(k, v, tables, lsq_p)
+    assert torch.equal(f_norm.key_codes, f_lsq.key_codes) and torch.equal(f_norm.value_codes, f_lsq.value_codes)
+    for x, codes, rot, cent, n_norm, n_lsq in (
+            (k.double() - tables.key_mean.double(), f_lsq.key_codes, tables.key_rotation, tables.key_centroids,
+             f_norm.key_norm, f_lsq.key_norm),
+            (v.double(), f_lsq.value_codes, tables.value_rotation, tables.value_centroids, f_norm.value_norm,
+             f_lsq.value_norm)):
+        direction = R.reconstruct(codes, torch.ones(N, H, dtype=torch.float64), rot.double(), cent.double())
+        want = torch.linalg.lstsq(direction.unsqueeze(-1), x.unsqueeze(-1)).solution.squeeze(-1).squeeze(-1)
+        assert torch.equal(n_lsq, stored_norm(want.float())), "the stored field is the fp16-rounded LS scale"
+        assert torch.equal(n_norm, stored_norm(x.norm(dim=-1).float()))
+        err_lsq = (x - n_lsq.double().unsqueeze(-1) * direction).norm(dim=-1)
+        err_norm = (x - n_norm.double().unsqueeze(-1) * direction).norm(dim=-1)
+        assert (err_lsq <= err_norm + 1e-3 * x.norm(dim=-1)).all()
+        assert err_lsq.mean() < err_norm.mean()
+    with pytest.raises(ValueError, match="lsq_scale=True needs qjl_ratio=0"):
+        Preset("t_bad", 2, 2, qjl_ratio=1.0, lsq_scale=True)

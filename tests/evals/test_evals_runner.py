@@ -118,7 +118,13 @@ def test_adhoc_spec_parser_presets_and_bytes():
     assert [specs.parse_spec(f"turboquant3+ops{o}").ops for o in ("torch", "triton", "cpu")] == \
         ["torch", "triton", "cpu"]
     assert specs.parse_spec("turboquant3").ops is None and specs.parse_spec("tq:k4v2+opstorch").ops == "torch"
-    for bad in ("auto+opstorch", "turboquant3+opscuda", "turboquant3+opstorch+opstriton",
+    # +lsq: least-squares scales, on the torch ops (the only ones that encode them)
+    lsq = specs.parse_spec("tq:k3v1+lsq+s4w128")
+    assert (lsq.dtype, lsq.preset.lsq_scale, lsq.ops, lsq.protected) == ("adhoc_k3v1_lsq", True, "torch", (4, 128))
+    assert specs.encoding(lsq.preset) == "K3 / V1 (LSQ scales)" and not specs.parse_spec("tq:k3v1").preset.lsq_scale
+    assert specs.spec_bytes(lsq, 64)["slot"] == specs.spec_bytes("turboquant2", 64)["slot"]
+    for bad in ("turboquant2+lsq", "tq:k2v3+qjl1+lsq", "tq:k3v1+lsq+opscpu",
+                "auto+opstorch", "turboquant3+opscuda", "turboquant3+opstorch+opstriton",
                 "tq:k5v2", "tq:k3", "turboquant3+qjl1*", "tq:k3v3+qjl0", "auto+edge1", "auto+calibrated",
                 "tq:k3v3+s4w64+s0w0", "tq:k3v3+qjl1x", "auto+nocal", "turboquant3+calibrated+nocal",
                 "turboquant3+nocal+nocal", "turboquant3+nocenter", "tq:k4v2+nocal+nocenter",

@@ -13,7 +13,6 @@ Invariance tests ask for identical bits: every ISA, batch compositions, chunking
 from __future__ import annotations
 
 import itertools
-import logging
 import platform
 import shutil
 import subprocess
@@ -34,7 +33,7 @@ from support import (
 )
 from vllm_turboquant import cpu_ops, ops
 from vllm_turboquant import reference as ref
-from vllm_turboquant.layout import slot_layout
+from vllm_turboquant.layout import cache_format, slot_layout
 from vllm_turboquant.protected import ProtectedTokens, exact_rows, protected_positions
 
 pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason=f"no compiled CPU ops: {cpu_ops.unavailable_reason()}")
@@ -121,23 +120,24 @@ def test_contract_and_auto_resolution():
     assert cpu_ops.isa() in cpu_ops.ISAS and "generic" in ISAS
 
 
-def test_missing_library_falls_back_to_the_reference_with_one_warning(monkeypatch, caplog):
+def test_missing_library_is_refused_not_replaced(monkeypatch):
+    """Without the compiled library, ops='cpu' is refused before the engine starts (naming the cause and the
+    fix), a direct call raises instead of quietly running the ~10x slower reference, and 'auto' resolves to
+    the reference (the backend then warns at start)."""
+    from vllm_turboquant.backend.settings import check_usable, load_settings
+
     tables = jittered_tables("turboquant3", 64, 2)
-    cache, block_table, keys, values = filled_cache("turboquant3", 64, 2, [20], 16, tables)
-    query = torch.randn(1, 4, 64)
-    seq_lens = torch.tensor([20])
-    want = ref.paged_decode(query, cache, block_table, seq_lens, tables, "turboquant3", 0.125)
+    cache, block_table, *_ = filled_cache("turboquant3", 64, 2, [20], 16, tables)
     monkeypatch.setattr(cpu_ops, "_lib", None)
     monkeypatch.setattr(cpu_ops, "_why_not", "the compiled library vllm_turboquant/_tq_cpu*.so is not there")
-    monkeypatch.setattr(cpu_ops, "_warned", False)
     assert not cpu_ops.available()
     assert ops.resolve("auto", torch.device("cpu")) == "torch"
-    with caplog.at_level(logging.WARNING, logger="vllm.vllm_turboquant"):
-        for _ in range(2):
-            got = cpu_ops.paged_decode(query, cache, block_table, seq_lens, tables, "turboquant3", 0.125)
-            assert torch.equal(got, want)
-    warnings = [r.getMessage() for r in caplog.records if "compiled CPU ops are unavailable" in r.getMessage()]
-    assert len(warnings) == 1 and "pip install -e" in warnings[0]
+    with pytest.raises(ValueError, match=r"ops='cpu' \(from X\): the compiled CPU ops do not load \(the compiled "
+                       r"library .* is not there\)\. To fix: reinstall.*pip install -e.*ops='torch'"):
+        check_usable(load_settings({"turboquant": {"ops": "cpu"}}, environ={}), "cpu", "X", environ={})
+    with pytest.raises(RuntimeError, match="compiled CPU ops are unavailable.*pip install -e"):
+        cpu_ops.paged_decode(torch.randn(1, 4, 64), cache, block_table, torch.tensor([20]), tables, "turboquant3",
+                             0.125)
 
 
 def test_refusals():
@@ -164,7 +164,7 @@ def test_refusals():
 
 def test_layer_tables_are_prepared_once_and_again_after_an_in_place_change():
     tables = jittered_tables("turboquant3", 64, 2)
-    fmt = cpu_ops._format("turboquant3", 64)
+    fmt = cache_format("turboquant3", 64)
     first = cpu_ops._layer(tables, fmt)
     assert cpu_ops._layer(tables, fmt) is first
     tables.key_centroids.mul_(1.01)

@@ -20,7 +20,7 @@ is checked against the ops contract and the reference as a drop-in.
 Tolerances (rel err = max |got - want| / max |want|, against the float64 reference):
 
 * ``ATTN_TOL`` = 4e-3 for attention outputs. Scores are fp32-accurate (hi + lo fp16 pieces,
-  ``kernels.tile.precise_mma``); the value dots take fp16 operands with fp32 accumulation
+  ``kernels.common.precise_mma``); the value dots take fp16 operands with fp32 accumulation
   (``kernels.common.OPERAND_DTYPE``): softmax weights and value centroids are rounded to 11
   significant bits (unit roundoff 2**-11 = 4.9e-4), relative to the output. With fp16 scores too the
   measured worst case was 1.6e-3 (``benchmarks/operand_accuracy.py``); 4e-3 leaves a margin and still

@@ -64,7 +64,8 @@ def check_argv(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
         settings = load_settings(additional, environ)
         device = _device_type()
         if device is not None:
-            check_usable(settings, device, option_source("ops", additional, environ), environ)
+            check_usable(settings, device, option_source("ops", additional, environ), environ,
+                         preset=PRESETS.get(dtype))
     except ValueError as exc:
         return str(exc)
     return None

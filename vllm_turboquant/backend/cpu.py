@@ -23,7 +23,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from ..presets import PRESETS
 from .engine import engine_for
-from .layer import PackedLayer, PackedMetadata, check_packed_layer, packed_spec, plan_step
+from .layer import PackedLayer, PackedMetadata, check_no_output_quant, check_packed_layer, packed_spec, plan_step
 
 
 class TurboQuantCPUBackend(CPUAttentionBackend):
@@ -103,6 +103,7 @@ class TurboQuantImpl(CPUAttentionBackendImpl):
         if self.packed is None:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
+        check_no_output_quant(output_scale, output_block_scale)
         if attn_metadata is None:  # profiling run
             return output
         meta: PackedMetadata = attn_metadata

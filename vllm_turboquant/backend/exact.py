@@ -211,7 +211,8 @@ def register_spec() -> None:
 @dataclass
 class ExactCopyMetadata:
     """The companion group's part of a step: its block table (one row per request, the packed group's
-    request order) and the exact-copy slot of every new token (negative = none)."""
+    request order) and the exact-copy slot of every new token (negative = none: padding, and slots in vLLM's
+    null block 0, where the middle of a long chunk is mapped because no later step reads it)."""
 
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
@@ -223,9 +224,18 @@ class ExactCopyMetadataBuilder(AttentionMetadataBuilder[ExactCopyMetadata]):
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        # one persistent buffer (CUDA graphs read it at a fixed address), filled once per step for every layer
+        size = int(getattr(getattr(vllm_config, "scheduler_config", None), "max_num_batched_tokens", 0) or 0)
+        self._slots = torch.empty(size, dtype=torch.int64, device=device)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False) -> ExactCopyMetadata:
-        return ExactCopyMetadata(common_attn_metadata.block_table_tensor, common_attn_metadata.slot_mapping)
+        slots = common_attn_metadata.slot_mapping
+        n = slots.shape[0]
+        if n > self._slots.shape[0]:
+            self._slots = torch.empty(n, dtype=torch.int64, device=slots.device)
+        out = self._slots[:n]
+        out.copy_(slots).masked_fill_(slots < self.kv_cache_spec.block_size, -1)
+        return ExactCopyMetadata(common_attn_metadata.block_table_tensor, out)
 
     def build_for_cudagraph_capture(self, common_attn_metadata) -> ExactCopyMetadata:
         return self.build(0, common_attn_metadata)

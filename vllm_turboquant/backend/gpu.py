@@ -61,17 +61,17 @@ exact-copy companion's pages are always padded to the packed page, and page unif
 pages too, which vLLM can lay out only in block-compact layouts (``compute_layout_strides`` asserts
 otherwise). LBHNC (a head's tokens of a block adjacent) is preferred.
 
-Head sizes: ``TESTED_HEAD_SIZES``, the ones both attention kernels are tested at (tests/kernels/test_kernels.py);
+Head sizes: ``TESTED_HEAD_SIZES``, the ones both attention kernels are tested at (tests/support.py);
 a layer of another head size is refused (vLLM's selection error carries ``check_gpu_head_size``'s reason).
 
 Transient memory
 ----------------
 The ops return new float32 outputs (the ``ops.AttentionOps`` contract), cast into vLLM's ``output`` by
-``PackedLayer.forward``; with the rotated queries and values the Triton kernels make, a prefill of T tokens
-allocates about T x Hq x d x (4 + 2 + output itemsize) bytes beyond vLLM's own buffers (~0.3 GB for an
-8K-token chunk, 32 query heads, d = 128, bf16). The profile run counts them (above), so vLLM sizes the KV
-cache around them; writing straight into ``output`` (dropping the float32 output and the cast) needs an
-``out`` argument in the ops contract.
+``PackedLayer.forward``; with the rotated queries (hi + lo fp16 pieces) and values the Triton kernels make, a
+prefill of T tokens allocates about T x Hq x d x (4 + 4 + output itemsize) bytes beyond vLLM's own buffers
+(~0.3 GB for an 8K-token chunk, 32 query heads, d = 128, bf16; ``transient_bytes``). The profile run counts
+them (above), so vLLM sizes the KV cache around them; writing straight into ``output`` (dropping the float32
+output and the cast) needs an ``out`` argument in the ops contract.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ from vllm.v1.kv_cache_layout import KVCacheLayout
 from ..layout import check_head_dim
 from ..presets import PRESETS
 from .engine import engine_for
-from .layer import PackedLayer, PackedMetadata, check_packed_layer, packed_spec, plan_step
+from .layer import PackedLayer, PackedMetadata, check_no_output_quant, check_packed_layer, packed_spec, plan_step
 from .platform import skip_layers_problem
 from .settings import load_settings
 
@@ -106,7 +106,7 @@ _NOT_OURS = ("kv_cache_dtype {dtype!r} is not a vllm-turboquant preset; the CUST
              "--kv-cache-dtype-skip-layers get vLLM's own backend only through vllm-turboquant's platform plugin, "
              "which is not the active vLLM platform here)")
 
-#: Head sizes both attention kernels are tested at (tests/kernels/test_kernels.py: DECODE_CASES and PREFILL_CASES);
+#: Head sizes both attention kernels are tested at (tests/support.py: KERNEL_DECODE_CASES and KERNEL_PREFILL_CASES);
 #: others are refused on GPU even where the packed layout could hold them.
 TESTED_HEAD_SIZES = (64, 96, 128, 256)
 #: KV-cache layouts declared to vLLM: the block-compact ones (see the module docstring), preferred first.
@@ -123,12 +123,15 @@ def check_gpu_head_size(head_size: int) -> None:
 
 def transient_bytes(num_tokens: int, num_heads: int, num_kv_heads: int, head_size: int, qjl_dim: int,
                     out_itemsize: int) -> int:
-    """Device bytes one attention call over ``num_tokens`` query rows allocates and frees (an upper estimate):
-    the ops' float32 output, the rotated queries (fp16) and QJL projections, the rotated values (fp16), the
-    cast of the output to the model dtype, and the cache write's float32 rotated keys and values."""
+    """Device bytes one attention call over ``num_tokens`` query rows allocates and frees (an upper estimate,
+    counted from the kernels' allocations): per query row the ops' float32 output, the rotated query and its
+    QJL projection as hi + lo fp16 pieces (``rotate.rotate_queries``), their float32 row scale and key-mean
+    term, and the output's cast to the model dtype; per token and KV head the rotated values (fp16) and
+    their row scale (``rotate_rows``, exact-chunk prefill) and the chunk's exact copies (``store.chunk_copies``,
+    at most float32); per token the store's int64 slot list."""
     rows = num_tokens * num_heads
-    return (rows * head_size * (4 + 2 + out_itemsize) + rows * qjl_dim * 2
-            + num_tokens * num_kv_heads * (head_size * (2 + 2 * 4) + qjl_dim * 4))
+    return (rows * (head_size * (4 + 4 + out_itemsize) + qjl_dim * 4 + 8)
+            + num_tokens * num_kv_heads * (head_size * (2 + 2 * 4) + 4) + num_tokens * 8)
 
 
 class TurboQuantGPUBackend(AttentionBackend):
@@ -285,7 +288,8 @@ class TurboQuantGPUImpl(AttentionImpl[PackedMetadata]):
         preset = PRESETS.get(kv_cache_dtype)
         if preset is None:
             raise ValueError(_NOT_OURS.format(dtype=kv_cache_dtype))
-        check_packed_layer(preset.name, attn_type, alibi_slopes, sinks, logits_soft_cap, head_size)
+        check_packed_layer(preset.name, attn_type, alibi_slopes, sinks, logits_soft_cap, head_size,
+                           kv_sharing_target_layer_name)
         try:
             check_gpu_head_size(head_size)
         except ValueError as exc:
@@ -297,10 +301,6 @@ class TurboQuantGPUImpl(AttentionImpl[PackedMetadata]):
         if active:
             raise ValueError(f"--kv-cache-dtype {preset.name} cannot serve this model: attention options "
                              f"{active} are not supported. Use --kv-cache-dtype auto or fp8 for it.")
-        if kv_sharing_target_layer_name is not None:
-            # The shared cache was encoded with the target layer's tables, not this layer's.
-            raise ValueError(f"--kv-cache-dtype {preset.name} cannot serve this model: cross-layer KV cache "
-                             f"sharing ({kv_sharing_target_layer_name}). Use --kv-cache-dtype auto or fp8 for it.")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"{self.num_heads} query heads is not a multiple of {self.num_kv_heads} KV heads")
         self._vllm_config = get_current_vllm_config()
@@ -340,8 +340,7 @@ class TurboQuantGPUImpl(AttentionImpl[PackedMetadata]):
                 attn_metadata: PackedMetadata, output: torch.Tensor,
                 output_scale: torch.Tensor | None = None,
                 output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
-        if output_scale is not None or output_block_scale is not None:
-            raise NotImplementedError("vllm-turboquant does not support fused output quantization")
+        check_no_output_quant(output_scale, output_block_scale)
         if attn_metadata is None:  # the memory profile: count the transients of a real call this size
             self._reserve_transients(query, output)
             return output

@@ -69,6 +69,13 @@ def check_packed_layer(name: str, attn_type: Any, alibi_slopes, sinks, logits_so
                          + ". Use --kv-cache-dtype auto or fp8 for it.")
 
 
+def check_no_output_quant(output_scale, output_block_scale) -> None:
+    """Raise NotImplementedError for vLLM's fused output quantisation (``output_scale`` /
+    ``output_block_scale`` given to an impl's ``forward``): the packed path writes unquantised outputs."""
+    if output_scale is not None or output_block_scale is not None:
+        raise NotImplementedError("vllm-turboquant does not support fused output quantization")
+
+
 def step_metadata(layer_name: str):
     """This step's attention metadata of a layer (vLLM's cache-write hook is not handed it)."""
     from vllm.forward_context import get_forward_context
@@ -123,8 +130,8 @@ def plan_step(cam, device: torch.device) -> PackedMetadata:
         max_seq_len=cam.max_seq_len, query_start_loc=cam.query_start_loc, seq_lens=cam.seq_lens,
         block_table=cam.block_table_tensor, slot_mapping=cam.slot_mapping, num_decodes=num_reqs, num_prefills=0,
         num_prefill_tokens=0)
-    if cam.max_query_len <= 1:  # decode-only (CUDA-graph) batches: fixed shapes, nothing to index
-        return meta
+    if cam.max_query_len <= 1 and (q_lens[:cam.num_actual_tokens] == 1).all():
+        return meta  # decode-only (CUDA-graph) batches, row i = request i (any empty ones trail): nothing to index
     is_decode = q_lens == 1
     prefill = np.flatnonzero(~is_decode & (q_lens > 0))
     nd = int(np.argmin(is_decode)) if not is_decode.all() else num_reqs  # leading decodes
@@ -136,7 +143,7 @@ def plan_step(cam, device: torch.device) -> PackedMetadata:
     if not ordered:
         meta.decode_reqs = torch.from_numpy(np.flatnonzero(is_decode)).to(device, non_blocking=True)
         meta.prefill_reqs = torch.from_numpy(prefill).to(device, non_blocking=True)
-        rows = np.concatenate([np.arange(qsl[i], qsl[i + 1]) for i in prefill])
+        rows = np.concatenate([np.arange(qsl[i], qsl[i + 1]) for i in prefill] or [np.zeros(0, np.int64)])
         meta.prefill_rows = torch.from_numpy(rows).to(device, non_blocking=True)
     return meta
 
@@ -202,7 +209,12 @@ class PackedLayer:
             self.layer_index = extract_layer_index(layer_name)
             start, stop = self._kv_head_range()
             self.tables = self.registry.layer(self.layer_index).heads(start, stop).to(device)
-            self.ops = load_ops(self.engine.settings.ops, device)
+            self.ops = load_ops(self.engine.settings.ops, device, self.preset)
+            if self.layer_index == 0 and self.ops.NAME == "torch" and self.engine.settings.ops == "auto":
+                from .. import cpu_ops
+
+                logger.warning("vllm-turboquant: the compiled CPU ops do not load (%s): the torch reference "
+                               "ops serve, ~10x slower. To fix: %s", cpu_ops.unavailable_reason(), cpu_ops.BUILD_HINT)
             if self.layer_index == 0:
                 logger.info("vllm-turboquant: %s attention on %s (%s ops, slot %d B/token/KV head, "
                             "compressed_prefill=%s, protected sink=%d window=%d, calibration=%s)",
@@ -228,10 +240,7 @@ class PackedLayer:
         n = min(key.shape[0], slot_mapping.shape[0])
         cache_x, meta_x = self._exact()
         protected = self._protected(cache_x, None if meta_x is None else meta_x.block_table)
-        exact_slots = None
-        if meta_x is not None:  # slots in vLLM's null block (id 0) hold no copy: a long chunk's middle
-            exact_slots = meta_x.slot_mapping[:n]
-            exact_slots = torch.where(exact_slots < cache_x.shape[1], -1, exact_slots)
+        exact_slots = None if meta_x is None else meta_x.slot_mapping[:n]
         # -> the ops' [blocks, block_size, H, slot] view
         self.ops.write_cache(kv_cache.permute(0, 2, 1, 3), slot_mapping[:n], key[:n], value[:n], tables, self.fmt,
                              protected, exact_slots)

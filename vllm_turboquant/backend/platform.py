@@ -86,7 +86,8 @@ def detect() -> str | None:
 
         return PLATFORM_CLASS if cuda_platform_plugin() else None
     except Exception:  # detection must never break vLLM's start-up
-        logger.debug("vllm-turboquant: platform detection failed", exc_info=True)
+        logger.warning("vllm-turboquant: platform detection failed, so vLLM's own platform serves; add "
+                       "--attention-backend CUSTOM to serve a TurboQuant --kv-cache-dtype", exc_info=True)
         return None
 
 

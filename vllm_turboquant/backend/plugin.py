@@ -117,7 +117,8 @@ def check_engine_config(vllm_config) -> None:
     try:
         additional = getattr(vllm_config, "additional_config", None)
         settings = load_settings(additional)
-        check_usable(settings, current_platform.device_type, option_source("ops", additional))
+        check_usable(settings, current_platform.device_type, option_source("ops", additional),
+                     preset=PRESETS[name])
         model = getattr(vllm_config, "model_config", None)
         if settings.calibration not in ("auto", "none") and model is not None:
             from ..registry import load_registry

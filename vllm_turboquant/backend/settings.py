@@ -39,7 +39,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..ops import OPS_CHOICES
+from ..ops import OPS_CHOICES, check_preset
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -167,13 +167,15 @@ def _interpreting(environ: Mapping[str, str]) -> bool:
 
 
 def check_usable(settings: Settings, device_type: str, source: str = "the settings",
-                 environ: Mapping[str, str] | None = None) -> None:
+                 environ: Mapping[str, str] | None = None, preset=None) -> None:
     """Raise ValueError when ``settings`` cannot run on a ``device_type`` ("cpu", "cuda", ...) platform,
     naming the option, why, and what to use instead:
 
     * ``ops=triton`` needs Triton, and on a platform other than CUDA its interpreter (``TRITON_INTERPRET=1``):
       the CPU build has no Triton driver, so the first request would kill the engine ("0 active drivers");
-    * ``ops=cpu`` (the compiled CPU ops) reads host memory: only on the CPU platform.
+    * ``ops=cpu`` (the compiled CPU ops) reads host memory: only on the CPU platform, and only when the
+      compiled library loads (``cpu_ops.available``);
+    * a ``preset`` (when given) the ops cannot encode (``ops.check_preset``: ``lsq_scale`` needs ``ops=torch``).
 
     ``source`` names where the option came from (``option_source``)."""
     environ = os.environ if environ is None else environ
@@ -191,3 +193,15 @@ def check_usable(settings: Settings, device_type: str, source: str = "the settin
     elif ops == "cpu" and device_type != "cpu":
         raise ValueError(f"turboquant option ops='cpu' (from {source}): the compiled CPU ops run on the CPU "
                          f"platform only, this is {device_type}; use ops='auto' (the default), 'triton' or 'torch'")
+    elif ops == "cpu":
+        from .. import cpu_ops
+
+        if not cpu_ops.available():
+            raise ValueError(f"turboquant option ops='cpu' (from {source}): the compiled CPU ops do not load "
+                             f"({cpu_ops.unavailable_reason()}). To fix: {cpu_ops.BUILD_HINT}; or use ops='torch' (the "
+                             "reference, ~10x slower)")
+    if preset is not None:
+        try:
+            check_preset(ops, preset)   # strict for 'auto': say which ops to ask for
+        except ValueError as exc:
+            raise ValueError(f"turboquant option ops={ops!r} (from {source}): {exc}") from None

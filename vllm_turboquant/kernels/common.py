@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from ..layout import CacheFormat, cache_format
+from ..protected import is_active
 
 LOG2E = 1.4426950408889634
 #: Tensor-core operand type of the attention dots (scores and values; fp32 accumulation). fp16, not bf16:
@@ -165,7 +166,7 @@ def protection(protected, num_kv_heads: int, head_dim: int, device: torch.device
     """Whether protected tokens are on (``protected`` given and S + W > 0), after ``check_protected``.
 
     When this is False the kernels compile the protected-token code out."""
-    if protected is None or protected.sink + protected.window == 0:
+    if not is_active(protected):
         return False
     check_protected(protected, num_kv_heads, head_dim, device, batch)
     return True
@@ -418,20 +419,27 @@ def split_operand(x):
 
 
 @triton.jit
+def precise_mma(a_hi, a_lo, b_hi, b_lo):
+    """a @ b for split operands a and b to about fp32 accuracy (``fp32_dot``'s three passes:
+    a_hi b_lo + a_lo b_hi + a_hi b_hi; a_lo b_lo is below fp32's rounding)."""
+    acc = tl.dot(a_hi, b_lo, out_dtype=tl.float32)  # one accumulator, the small terms first
+    acc = tl.dot(a_lo, b_hi, acc, out_dtype=tl.float32)
+    return tl.dot(a_hi, b_hi, acc, out_dtype=tl.float32)
+
+
+@triton.jit
 def fp32_dot(a, b, PASSES: tl.constexpr = 3):
     """a @ b of float32 tiles on fp16 tensor cores, fp32 accumulation. PASSES=3: about fp32-accurate (as
     3xTF32: both have 11-bit pieces) from a_hi b_lo + a_lo b_hi + a_hi b_hi, x_hi = fp16(x), x_lo =
     fp16(x - x_hi), at half of 3xTF32's MMA cost and operand registers; PASSES=1: a_hi b_hi only (relative
     error ~2**-11). For operands within fp16's range (|x| < 65504; parts below 2**-14 keep an absolute
     error <= 2**-24): unit vectors, rotations, QJL matrices, rows divided by their ``row_scale``."""
-    a_hi = a.to(tl.float16)
-    b_hi = b.to(tl.float16)
     if PASSES == 3:
-        acc = tl.dot(a_hi, (b - b_hi.to(tl.float32)).to(tl.float16), out_dtype=tl.float32)
-        acc = tl.dot((a - a_hi.to(tl.float32)).to(tl.float16), b_hi, acc, out_dtype=tl.float32)
-        return tl.dot(a_hi, b_hi, acc, out_dtype=tl.float32)
+        a_hi, a_lo = split_operand(a)
+        b_hi, b_lo = split_operand(b)
+        return precise_mma(a_hi, a_lo, b_hi, b_lo)
     else:
-        return tl.dot(a_hi, b_hi, out_dtype=tl.float32)
+        return tl.dot(a.to(OPERAND_DTYPE), b.to(OPERAND_DTYPE), out_dtype=tl.float32)
 
 
 @triton.jit

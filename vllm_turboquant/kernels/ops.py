@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..layout import CacheFormat, cache_format
+from ..ops import check_sliding_window
 from ..protected import ProtectedTokens
 from ..registry import LayerTables
 from .decode import paged_decode as _paged_decode
@@ -28,11 +29,6 @@ NAME = "triton"
 __all__ = ["NAME", "write_cache", "paged_decode", "prefill"]
 
 
-def _check_window(sliding_window: int | None) -> None:
-    if sliding_window is not None and int(sliding_window) < 1:
-        raise ValueError(f"sliding_window must be None or >= 1, got {sliding_window!r}")
-
-
 def write_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 tables: LayerTables, fmt: CacheFormat, protected: ProtectedTokens | None = None,
                 exact_slot_mapping: torch.Tensor | None = None) -> None:
@@ -42,7 +38,7 @@ def write_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tens
 def paged_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                  tables: LayerTables, fmt: CacheFormat, scale: float,
                  sliding_window: int | None = None, protected: ProtectedTokens | None = None) -> torch.Tensor:
-    _check_window(sliding_window)
+    check_sliding_window(sliding_window)
     return _paged_decode(query, cache, block_table, seq_lens, tables, cache_format(fmt, query.shape[-1]), scale,
                          sliding_window, protected=protected)
 
@@ -52,7 +48,7 @@ def prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: 
             tables: LayerTables, fmt: CacheFormat, scale: float, sliding_window: int | None = None,
             compressed_chunk: bool = False, protected: ProtectedTokens | None = None,
             max_query_len: int | None = None) -> torch.Tensor:
-    _check_window(sliding_window)
+    check_sliding_window(sliding_window)
     out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
     return _prefill(query, key, value, cache, block_table, query_start_loc, seq_lens, tables,
                     cache_format(fmt, query.shape[-1]), scale, sliding_window, compressed_chunk, protected=protected,

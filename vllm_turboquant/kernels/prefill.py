@@ -46,13 +46,14 @@ from .common import (
     attention_setup,
     load_table,
     next_pow2,
+    precise_mma,
     row_scale,
     split_operand,
     unrotate_store,
 )
 from .rotate import rotate_queries, rotate_rows
 from .store import chunk_copies
-from .tile import accumulate, attend_slots, causal_visible, load_pieces, mma, precise_mma, softmax_step, split_mma
+from .tile import accumulate, attend_slots, causal_visible, load_pieces, mma, softmax_step, split_mma
 
 
 @triton.jit

@@ -142,7 +142,7 @@ def _store_kernel(
             SLOT_ALIGN, PROTECT, LOOKUP, PASSES)
 
 
-def store_config(head_dim: int, num_tokens: int) -> dict[str, int]:
+def store_config(head_dim: int) -> dict[str, int]:
     """Tokens per program (BLOCK_T, at least 16: a tl.dot operand), rotation columns per chunk (BLOCK_C), warps
     and stages. Small: the fp32-accurate rotation (three fp16 MMAs) keeps its split operands in registers."""
     return dict(BLOCK_T=16, BLOCK_C=min(32, next_pow2(head_dim)), num_warps=4 if head_dim <= 128 else 8,
@@ -178,7 +178,7 @@ def store(cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor, va
         copy_args = (cache, slot_mapping, 0, 1, 0, 0, 0)
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
-    cfg = {**store_config(D, N), **(config or {})}
+    cfg = {**store_config(D), **(config or {})}
     _store_kernel[(triton.cdiv(N, cfg["BLOCK_T"]), H)](
         cache, slot_mapping, key, value,
         tables.key_rotation, tables.value_rotation, tables.qjl if layout.has_qjl else tables.key_rotation,

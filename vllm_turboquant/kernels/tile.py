@@ -49,6 +49,7 @@ from .common import (
     centroid_values,
     load_fp16,
     load_norm,
+    precise_mma,
     read_centroids,
     read_signs,
     row_scale,
@@ -67,15 +68,6 @@ def split_mma(a_hi, a_lo, b):
     """a @ b for a = a_hi + a_lo (``common.split_operand``) and b exact in ``OPERAND_DTYPE`` (signs ±1, 16-bit
     rows): two MMAs into one fp32 accumulator, the small term first -- as accurate as a float32 a."""
     return tl.dot(a_hi, b, tl.dot(a_lo, b, out_dtype=tl.float32), out_dtype=tl.float32)
-
-
-@triton.jit
-def precise_mma(a_hi, a_lo, b_hi, b_lo):
-    """a @ b for split operands a and b to about fp32 accuracy (``common.fp32_dot``'s three passes:
-    a_hi b_lo + a_lo b_hi + a_hi b_hi; a_lo b_lo is below fp32's rounding)."""
-    acc = tl.dot(a_hi, b_lo, out_dtype=tl.float32)  # one accumulator, the small terms first
-    acc = tl.dot(a_lo, b_hi, acc, out_dtype=tl.float32)
-    return tl.dot(a_hi, b_hi, acc, out_dtype=tl.float32)
 
 
 @triton.jit
