@@ -18,9 +18,10 @@ from evals.suites import suite_config
 
 #: Row order: the runner's suites first, then the studies made with them (folder name -> runner suite, note).
 ORDER = ["quick", "ppl", "ppl_long", "loglik", "needle", "facts", "divergence", "full", "smoke", "protected",
-         "frontier", "prefill_modes"]
-STUDIES = {"protected": "S / W sweep", "frontier": "encoders per budget",
-           "prefill_modes": "compressed vs exact prefill"}
+         "frontier", "levers", "prefill_modes", "ops", "ops_fp16_values"]
+STUDIES = {"protected": "S / W sweep", "frontier": "encoders per budget", "levers": "accuracy levers",
+           "prefill_modes": "compressed vs exact prefill", "ops": "Triton vs torch ops",
+           "ops_fp16_values": "Triton ops, single fp16 value operands"}
 SHORT_PPL = 1000  # fewer scored tokens: the suite's perplexity is a sanity check, not a headline
 
 

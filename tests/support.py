@@ -31,6 +31,17 @@ from vllm_turboquant.registry import CodebookRegistry, LayerTables
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() not in ("0", "false", "off", "")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu")
 
+#: Attention outputs of the Triton kernels against the float64 reference (rel err = max |got - want| / max |want|):
+#: every operand fp32-accurate -- scores and value products as hi + lo fp16 pieces (``kernels.common.precise_mma``,
+#: ``kernels.tile.weighted_mma``), 2**-22 each -- so the measured worst case is ~2e-6 (decode and compressed
+#: prefill, head_dim 64-256); 2e-5 leaves a margin. One single-fp16 product in the value path (2**-11) fails it.
+ATTN_TOL = 2e-5
+#: Where single fp16 operands remain: prefill whose chunk attends its own K/V (``compressed_chunk=False``: the
+#: chunk's rotated values are one fp16 operand each, 2**-11 relative), and caches written by the kernels (a code
+#: within rounding of a cell boundary may flip: ``assert_slots_match``). Measured worst 1.6e-3 with fp16 scores too
+#: (``benchmarks/operand_accuracy.py``); a real bug (a wrong code, norm, mask, copy or merge) moves outputs >= 1e-2.
+OPERAND_TOL = 4e-3
+
 #: A sketch on top of 3-bit codes, m = 0.75 d (not a power of two), variance-optimal lambda.
 SKETCHED = Preset("test_k3v3_qjl075", 3, 3, qjl_ratio=0.75, qjl_scale="optimal")
 

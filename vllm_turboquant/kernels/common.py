@@ -9,7 +9,7 @@ each code field can be read in (``KEY_WORD`` / ``SIGN_WORD`` / ``VALUE_WORD``: 3
 Device helpers:
 
 * ``load_codes`` / ``store_codes``: b-bit little-endian code fields (b = 1 for QJL signs), read as
-  words and unpacked with shifts; ``centroid_values`` (float32) / ``read_centroids`` / ``read_signs``
+  words and unpacked with shifts; ``centroid_values`` (float32) / ``read_signs``
   decode them for a dot.
 * ``load_norm`` / ``store_norm``: the one place a stored norm (key n, value n_v) is decoded or
   encoded (``layout.decode_norm`` / ``encode_norm``: fp16 of √n). ``load_fp16`` / ``store_fp16``: other
@@ -308,13 +308,6 @@ def centroid_values(slot_ptrs, mask, table, table_ptr, OFFSET: tl.constexpr, BIT
     if BLOCK != N:
         y = tl.where((tl.arange(0, BLOCK) < N)[None, :], y, 0.0)
     return y
-
-
-@triton.jit
-def read_centroids(slot_ptrs, mask, table, table_ptr, OFFSET: tl.constexpr, BITS: tl.constexpr,
-                   N: tl.constexpr, BLOCK: tl.constexpr, WORD: tl.constexpr, LOOKUP: tl.constexpr):
-    """``centroid_values`` as dot operands (``OPERAND_DTYPE``, rounded once)."""
-    return centroid_values(slot_ptrs, mask, table, table_ptr, OFFSET, BITS, N, BLOCK, WORD, LOOKUP).to(OPERAND_DTYPE)
 
 
 @triton.jit

@@ -177,9 +177,10 @@ def _prefill_kernel(
 
 
 def prefill_config(head_dim: int, group: int) -> dict[str, int]:
-    """Rows per program (BLOCK_R = tokens x group), key tile, warps and stages per head size (sm_90: no
-    spills, ``benchmarks/kernel_report.py``)."""
-    rows, keys = (64, 64) if head_dim <= 64 else (64, 32) if head_dim <= 128 else (16, 32)
+    """Rows per program (BLOCK_R = tokens x group), key tile, warps and stages per head size. Chosen from
+    ``benchmarks/kernel_report.py`` on sm_90 with the fp32-accurate value products: no spills without protected
+    tokens (but 4 B with QJL at d = 128), at most 32 B with them; the earlier (64, 32) tiles spilled 56-488 B."""
+    rows, keys = (32, 64) if head_dim <= 64 else (32, 32) if head_dim <= 128 else (16, 16)
     return dict(BLOCK_R=max(rows, next_pow2(group)), BLOCK_N=keys, num_warps=8, num_stages=2)
 
 
