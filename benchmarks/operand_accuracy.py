@@ -1,4 +1,4 @@
-"""Accuracy of the attention kernels' dot operands: fp32 vs fp16 (what ships) vs bf16, against the float64
+"""Accuracy of the attention kernels' dot operands: fp32 vs fp16 vs bf16, against the float64
 torch reference, on small decode and prefill cases (Triton interpreter, CPU; a GPU run works too).
 
     python benchmarks/operand_accuracy.py
@@ -9,6 +9,11 @@ operand type is swapped for fp32 (centroids, rotated queries and values kept in 
 which the interpreter cannot run) and every case is measured as max |out - ref| / max |ref| (``rel err``).
 Rotations and the cache write are fp32-accurate in all three. (Interpreter only: compiled kernels keep the
 operand type they were compiled with.)
+
+Since 2026-11-30 every score and value product of the packed-cache tile body is fp32-accurate (hi + lo fp16
+pieces: ``common.precise_mma``, ``tile.weighted_mma``) and no longer goes through ``tile.mma``; what this
+script still varies is the exact-chunk prefill's own dots (``prefill.mma``, ``compressed_chunk=False``). Its
+recorded numbers (``benchmarks/RESULTS.md``) are from before that change.
 """
 
 from __future__ import annotations
