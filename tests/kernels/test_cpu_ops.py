@@ -424,7 +424,7 @@ def test_write_cache_of_no_tokens_and_all_padding():
 # protected tokens
 # ---------------------------------------------------------------------------------------------
 
-PROTECTED_DECODE_CASES = [
+CPU_PROTECTED_DECODE_CASES = [
     # preset,            d,  H, G, block, lens,                 S, W,  sliding, copy dtype
     ("turboquant3",      64, 2, 2, 16, [0, 1, 6, 7, 40],       2, 4,  None,    torch.float32),
     ("turboquant3_qjl",  64, 2, 4, 16, [5, 37],                4, 0,  None,    torch.bfloat16),
@@ -437,7 +437,7 @@ PROTECTED_DECODE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("preset,d,H,G,block_size,lens,sink,window,sliding,dtype", PROTECTED_DECODE_CASES)
+@pytest.mark.parametrize("preset,d,H,G,block_size,lens,sink,window,sliding,dtype", CPU_PROTECTED_DECODE_CASES)
 def test_decode_with_protected_tokens(preset, d, H, G, block_size, lens, sink, window, sliding, dtype, each_isa):
     tables = jittered_tables(preset, d, H, seed=d)
     cache, block_table, keys, values = filled_cache(preset, d, H, lens, block_size, tables, seed=G)
@@ -458,7 +458,7 @@ def test_decode_with_protected_tokens(preset, d, H, G, block_size, lens, sink, w
         assert rel_err(ref.paged_decode(*args), want) > 100 * TOL  # protection matters here
 
 
-PROTECTED_PREFILL_CASES = [
+CPU_PROTECTED_PREFILL_CASES = [
     # preset,           d,   H, G, block, lens,        query_lens, S, W,  sliding, compressed, copy dtype
     ("turboquant3",     64,  2, 3, 16, [45, 12],     [9, 12],    3, 5,  None,    False, torch.float32),
     ("turboquant3",     64,  2, 3, 16, [45, 12],     [9, 12],    3, 5,  None,    True,  torch.bfloat16),
@@ -474,7 +474,7 @@ PROTECTED_PREFILL_CASES = [
 
 
 @pytest.mark.parametrize("preset,d,H,G,block_size,lens,query_lens,sink,window,sliding,compressed,dtype",
-                         PROTECTED_PREFILL_CASES)
+                         CPU_PROTECTED_PREFILL_CASES)
 def test_prefill_with_protected_tokens(preset, d, H, G, block_size, lens, query_lens, sink, window, sliding,
                                        compressed, dtype, each_isa):
     """The copy cache holds the prefix's protected copies only (NaN at the chunk's own positions: vLLM keeps
