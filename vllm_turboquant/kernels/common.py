@@ -32,6 +32,9 @@ arithmetic.
 
 from __future__ import annotations
 
+import functools
+import json
+import os
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +69,42 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+#: Environment variable with launch-configuration overrides per kernel family, as JSON:
+#: ``{"prefill": {"BLOCK_R": 64}, "store": {"BLOCK_T": 32}, "decode": {...}}`` (keys of ``prefill_config``,
+#: ``store_config``, ``decode_config``). For tuning on a new GPU, and for runs under ``TRITON_INTERPRET=1``,
+#: where a program costs per operation, not per element, so larger tiles run several times faster with the
+#: same maths (only the order of the fp32 online-softmax merges changes). A ``config`` argument wins over it.
+CONFIG_ENV = "VLLM_TURBOQUANT_TRITON_CONFIG"
+CONFIG_FAMILIES = ("store", "decode", "prefill")
+
+
+@functools.lru_cache(maxsize=8)
+def _env_overrides(text: str) -> dict[str, dict]:
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{CONFIG_ENV}={text!r} is not JSON: {e}") from e
+    if not isinstance(parsed, dict) or any(k not in CONFIG_FAMILIES or not isinstance(v, dict)
+                                           for k, v in parsed.items()):
+        raise ValueError(f"{CONFIG_ENV}={text!r}: expected an object of objects keyed by "
+                         f"{', '.join(CONFIG_FAMILIES)}")
+    return parsed
+
+
+def launch_config(family: str, base: dict, config: dict | None = None) -> dict:
+    """``base`` (a ``*_config`` result), updated by the ``CONFIG_ENV`` overrides of ``family`` and then by
+    ``config``. Raises ValueError for malformed overrides or a key ``base`` does not have (naming its keys)."""
+    cfg = dict(base)
+    for source, over in ((CONFIG_ENV, _env_overrides(os.environ.get(CONFIG_ENV) or "{}").get(family, {})),
+                         ("config", config or {})):
+        unknown = sorted(set(over) - set(base))
+        if unknown:
+            raise ValueError(f"{source}: {family} has no launch setting {', '.join(unknown)}; accepted: "
+                             f"{', '.join(sorted(base))}")
+        cfg.update(over)
+    return cfg
+
+
 def check_lookup(mode: str) -> str:
     if mode not in LOOKUP_MODES:
         raise ValueError(f"lookup_mode={mode!r}; accepted: {', '.join(LOOKUP_MODES)}")
@@ -97,7 +136,13 @@ def field_word_bits(offset: int, nbytes: int, bits: int, block: int, align: int,
 def slot_constants(fmt: CacheFormat, align: int) -> dict:
     """Constexpr kwargs of the kernels for slots whose bases are ``align``-aligned: the layout
     (``CacheFormat.kernel_constants``: offsets, bit widths, BLOCK_D, BLOCK_QJL), ``SLOT_ALIGN`` and the
-    word width of each code field (``field_word_bits``)."""
+    word width of each code field (``field_word_bits``). Computed once per (format, alignment): every layer
+    of every step asks."""
+    return dict(_slot_constants(fmt, align))
+
+
+@functools.lru_cache(maxsize=64)
+def _slot_constants(fmt: CacheFormat, align: int) -> tuple:
     lay = fmt.layout
     kw = fmt.kernel_constants()
     if any(off % 2 for off in (lay.key_norm, lay.value_norm, lay.key_gamma)):
@@ -110,7 +155,7 @@ def slot_constants(fmt: CacheFormat, align: int) -> dict:
     kw.update({name: field_word_bits(off, nbytes, bits, block, align, lay.slot_bytes) if nbytes else 8
                for name, (off, nbytes, bits, block) in words.items()})
     kw["SLOT_ALIGN"] = align
-    return kw
+    return tuple(kw.items())
 
 
 def cache_strides(cache: torch.Tensor, num_kv_heads: int | None, slot_bytes: int) -> tuple[int, int, int]:

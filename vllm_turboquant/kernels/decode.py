@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ..layout import CacheFormat
-from .common import DEFAULT_LOOKUP, attention_setup, load_table, next_pow2, unrotate_store
+from .common import DEFAULT_LOOKUP, attention_setup, launch_config, load_table, next_pow2, unrotate_store
 from .rotate import rotate_queries
 from .tile import attend_slots, load_pieces
 
@@ -216,7 +216,7 @@ def paged_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Te
         tables.key_centroids, tables.value_centroids, part_acc, part_max, part_sum,
         *a.protected, block_table.stride(0), *a.strides, H, cache.shape[1], num_splits,
         sliding_window or 0,
-        G=G, BLOCK_G=block_g, **a.constants, **{**decode_config(D), **(config or {})},
+        G=G, BLOCK_G=block_g, **a.constants, **launch_config("decode", decode_config(D), config),
     )
     _decode_reduce_kernel[(B, H)](
         part_acc, part_max, part_sum, tables.value_rotation, out,

@@ -44,6 +44,7 @@ from .common import (
     DEFAULT_LOOKUP,
     OPERAND_TORCH_DTYPE,
     attention_setup,
+    launch_config,
     load_table,
     next_pow2,
     precise_mma,
@@ -199,6 +200,10 @@ def prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: 
     """
     T, Hq, D = query.shape
     B = seq_lens.shape[0]
+    if query_start_loc.shape != (B + 1,) or key.shape[0] != T or value.shape[0] != T or block_table.shape[0] < B:
+        raise ValueError(f"prefill of {B} sequences and {T} query rows needs query_start_loc ({B + 1},), key and "
+                         f"value of {T} rows and >= {B} block-table rows; got {tuple(query_start_loc.shape)}, "
+                         f"{key.shape[0]}, {value.shape[0]}, {block_table.shape[0]}")
     a = attention_setup(query, cache, tables, fmt, protected, B, lookup_mode)
     fmt, H, G, protect = a.fmt, a.num_kv_heads, a.group, a.constants["PROTECT"]
     if out is None:
@@ -216,7 +221,7 @@ def prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: 
     key = key if key.stride(-1) == 1 else key.contiguous()
     query = query if query.stride(-1) == 1 else query.contiguous()
     copies = chunk_copies(key, value, tables, fmt, protected) if protect and compressed_chunk else None
-    cfg = {**prefill_config(D, G), **(config or {})}
+    cfg = launch_config("prefill", prefill_config(D, G), config)
     tok = cfg["BLOCK_R"] // G
     _prefill_kernel[(B, H, triton.cdiv(max_query_len, tok))](
         cache, block_table, query_start_loc, seq_lens, query, key, value_rot, value_sigma,

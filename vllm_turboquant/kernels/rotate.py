@@ -2,9 +2,11 @@
 
 Decode and prefill call it once per query (c = scale·log2 e, so that the attention kernels score in
 log2 units) and prefill once per fresh value row (c = 1), so that no attention program ever multiplies
-by Π or S inside its key loop. One program per (row, KV head) handles the head's whole GQA group, G
-rows, as a [G, d] x [d, d] product taken BLOCK_E output columns at a time, fp32-accurate
-(``common.fp32_dot``); y and p are rounded to the output dtype once (queries: hi + lo fp16 pieces, values: fp16).
+by Π or S inside its key loop. Grid (row tile, KV head): the N x G rows of one KV head (token t's GQA group
+g is flat row t·G + g) are taken BLOCK_M at a time, whatever G, as a [BLOCK_M, d] x [d, d] product taken
+BLOCK_E output columns at a time, fp32-accurate (``common.fp32_dot``), so Π is read once per BLOCK_M rows;
+y and p are rounded to the output dtype once (queries: hi + lo fp16 pieces, values: fp16). BLOCK_M is fixed
+(``ROTATE_BLOCK_M``) and the row count is not specialised on, so every batch size runs one compiled variant.
 
 Any finite x gives fp16 operands (or their hi + lo pieces): each row is divided by its power-of-two scale first
 (``common.row_scale``: max |x| / s in [1, 2), so |y| <= ‖x‖ / s < 2 √d and |p| is bounded alike), and
@@ -33,28 +35,34 @@ def _store_rows(ptr, lo_ptr, offsets, x, mask, SPLIT: tl.constexpr):
         tl.store(ptr + offsets, x.to(ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+#: Rows (token x GQA member) per program: a tl.dot operand needs >= 16, and 32 spills at d = 256 with a QJL
+#: sketch (and at d = 64, 4 B) on sm_90 where 16 spills nothing (``benchmarks/kernel_report.py``).
+ROTATE_BLOCK_M = 16
+
+
+@triton.jit(do_not_specialize=["num_rows"])
 def _rotate_kernel(
     x_ptr, rot_ptr, qjl_ptr, mean_ptr,  # x (N, H*G, D); rot (H, D, D); qjl (H, M, D); mean (H, D)
     y_ptr, p_ptr, mu_ptr, sigma_ptr,  # outputs: y (N, H*G, D); p (N, H*G, M); mu, σ (N, H*G) f32
     y_lo_ptr, p_lo_ptr,  # SPLIT: the lo pieces of y and p (y, p get the hi ones; fp16)
-    stride_xn, stride_xh, num_heads, scale, proj_scale,
+    stride_xn, stride_xh, num_rows, num_heads, scale, proj_scale,  # num_rows = N * G
     G: tl.constexpr, HEAD_DIM: tl.constexpr, QJL_DIM: tl.constexpr, HAS_MEAN: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_QJL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_QJL: tl.constexpr,
 ):
-    n = tl.program_id(0)
     h = tl.program_id(1)
-    g = tl.arange(0, BLOCK_G)
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # flat rows t * G + g of head h
+    r_ok = r < num_rows
+    t = (r // G).to(tl.int64)
+    g = r % G
     d = tl.arange(0, BLOCK_D)
-    g_ok = g < G
     d_ok = d < HEAD_DIM
-    x = tl.load(x_ptr + n.to(tl.int64) * stride_xn + (h * G + g)[:, None] * stride_xh + d[None, :],
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [G, D]
-    row = n.to(tl.int64) * num_heads * G + h * G + g  # [G] output rows
+    x = tl.load(x_ptr + t[:, None] * stride_xn + (h * G + g)[:, None] * stride_xh + d[None, :],
+                mask=r_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [M, D]
+    row = t * num_heads * G + h * G + g  # [M] output rows
     s, inv = row_scale(x)
     x = x * inv[:, None]  # max |x| in [1, 2) per row (exact: a power of two)
     sigma = s * scale
-    tl.store(sigma_ptr + row, sigma, mask=g_ok)
+    tl.store(sigma_ptr + row, sigma, mask=r_ok)
     rot = rot_ptr + h * HEAD_DIM * HEAD_DIM
 
     for e0 in range(0, BLOCK_D, BLOCK_E):
@@ -62,14 +70,14 @@ def _rotate_kernel(
         rot_t = tl.load(rot + e[None, :] * HEAD_DIM + d[:, None],  # [D, E] = Π[e, d]ᵀ
                         mask=d_ok[:, None] & (e < HEAD_DIM)[None, :], other=0.0)
         y = fp32_dot(x, rot_t)
-        _store_rows(y_ptr, y_lo_ptr, row[:, None] * HEAD_DIM + e[None, :], y, g_ok[:, None] & (e < HEAD_DIM)[None, :],
+        _store_rows(y_ptr, y_lo_ptr, row[:, None] * HEAD_DIM + e[None, :], y, r_ok[:, None] & (e < HEAD_DIM)[None, :],
                     SPLIT)
 
     if QJL_DIM > 0:
         qjl = qjl_ptr + h * QJL_DIM * HEAD_DIM
         for m0 in range(0, BLOCK_QJL, BLOCK_E):
             m = m0 + tl.arange(0, BLOCK_E)
-            p = tl.zeros((BLOCK_G, BLOCK_E), dtype=tl.float32)
+            p = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
             for e0 in range(0, BLOCK_D, BLOCK_E):  # y chunk again: cheaper than a round trip
                 e = e0 + tl.arange(0, BLOCK_E)
                 e_ok = e < HEAD_DIM
@@ -80,11 +88,11 @@ def _rotate_kernel(
                               mask=e_ok[:, None] & (m < QJL_DIM)[None, :], other=0.0)
                 p += fp32_dot(y, s_t)
             _store_rows(p_ptr, p_lo_ptr, row[:, None] * QJL_DIM + m[None, :], p * proj_scale,
-                        g_ok[:, None] & (m < QJL_DIM)[None, :], SPLIT)
+                        r_ok[:, None] & (m < QJL_DIM)[None, :], SPLIT)
 
     if HAS_MEAN:
         mu = tl.load(mean_ptr + h * HEAD_DIM + d, mask=d_ok, other=0.0)
-        tl.store(mu_ptr + row, tl.sum(x * mu[None, :], axis=1), mask=g_ok)
+        tl.store(mu_ptr + row, tl.sum(x * mu[None, :], axis=1), mask=r_ok)
 
 
 def rotate_rows(x: torch.Tensor, rotation: torch.Tensor, qjl: torch.Tensor | None = None,
@@ -113,13 +121,13 @@ def rotate_rows(x: torch.Tensor, rotation: torch.Tensor, qjl: torch.Tensor | Non
     if N == 0:
         return y, sigma, p, mu
     block_d = next_pow2(D)
-    _rotate_kernel[(N, H)](
+    _rotate_kernel[(triton.cdiv(N * G, ROTATE_BLOCK_M), H)](
         x, rotation, qjl if M else rotation, mean if mean is not None else rotation,
         y, p if M else y, mu if mu is not None else sigma, sigma,
         y[-1], (p if M else y)[-1],  # the lo pieces (with split; else unused)
-        x.stride(0), x.stride(1), H, float(scale), float(proj_scale),
+        x.stride(0), x.stride(1), N * G, H, float(scale), float(proj_scale),
         G=G, HEAD_DIM=D, QJL_DIM=M, HAS_MEAN=mean is not None, SPLIT=split,
-        BLOCK_G=max(16, next_pow2(G)), BLOCK_D=block_d, BLOCK_E=min(block_d, 64),
+        BLOCK_M=ROTATE_BLOCK_M, BLOCK_D=block_d, BLOCK_E=min(block_d, 64),
         BLOCK_QJL=max(16, next_pow2(M)),
         num_warps=4,
     )

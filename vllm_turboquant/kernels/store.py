@@ -40,6 +40,7 @@ from .common import (
     check_protected,
     check_tables,
     fp32_dot,
+    launch_config,
     load_table,
     lookup,
     next_pow2,
@@ -178,7 +179,7 @@ def store(cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor, va
         copy_args = (cache, slot_mapping, 0, 1, 0, 0, 0)
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
-    cfg = {**store_config(D), **(config or {})}
+    cfg = launch_config("store", store_config(D), config)
     _store_kernel[(triton.cdiv(N, cfg["BLOCK_T"]), H)](
         cache, slot_mapping, key, value,
         tables.key_rotation, tables.value_rotation, tables.qjl if layout.has_qjl else tables.key_rotation,
