@@ -99,6 +99,11 @@ def _mode_lines(records: list[dict]) -> list[str]:
     lines.append("- Engines: one in-process vLLM engine per dtype (`enforce_eager`), its mode fixed at start-up"
                  + (f"; TurboQuant attention: `VLLM_TURBOQUANT_OPS={'/'.join(ops)}`"
                     + (" (the torch reference ops)" if ops == ["torch"] else "") if ops else "") + ".")
+    tiles = sorted({r["triton_config"] for r in records if r.get("triton_config") and r.get("ops") == "triton"})
+    if tiles:
+        lines.append(f"- Triton launch settings `VLLM_TURBOQUANT_TRITON_CONFIG={' / '.join(tiles)}` (under "
+                     "`TRITON_INTERPRET=1`: the interpreter costs per operation, so larger tiles run faster; the "
+                     "same kernels, only the order of fp32 merges changes).")
     return lines
 
 
@@ -209,6 +214,40 @@ def _frontier_section(records: list[dict], base: dict | None) -> list[str]:
     return L
 
 
+def paired_ppl_delta(rec: dict, ref: dict) -> tuple[float, float, float] | None:
+    """Perplexity of ``rec`` minus ``ref``'s on the same windows, with a 95% interval from the per-window
+    differences of log perplexity (Student t over the windows; windows hold equal token counts). None with
+    fewer than two windows or different windows."""
+    from scipy import stats
+
+    a, b = (rec.get("ppl") or {}).get("window_ppl"), (ref.get("ppl") or {}).get("window_ppl")
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return None
+    d = [math.log(x) - math.log(y) for x, y in zip(a, b, strict=True)]
+    n = len(d)
+    mean = sum(d) / n
+    half = stats.t.ppf(0.975, n - 1) * math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
+    base = ref["ppl"]["ppl"]
+    return rec["ppl"]["ppl"] - base, base * (math.exp(mean - half) - 1), base * (math.exp(mean + half) - 1)
+
+
+def _ops_section(records: list[dict]) -> list[str]:
+    """Each TurboQuant row against the ``+opstorch`` row of the same encoding, paired over windows."""
+    refs = {r["spec"].replace("+opstorch", ""): r for r in records if r["spec"].endswith("+opstorch")}
+    rows = []
+    for r in records:
+        ops = parse_spec(r["spec"]).ops if is_turboquant_spec(r) else None
+        ref = refs.get(r["spec"].replace(f"+ops{ops}", "")) if ops and ops != "torch" else None
+        got = paired_ppl_delta(r, ref) if ref else None
+        if got:
+            rows.append(f"| `{r['spec']}` | `{ref['spec']}` | {got[0]:+.3f} | [{got[1]:+.3f}, {got[2]:+.3f}] |")
+    if not rows:
+        return []
+    return ["Against the torch reference ops on the same windows (Δ perplexity; 95% interval of the mean from "
+            "the per-window differences of log perplexity, Student t):\n",
+            "| dtype | reference | Δ perplexity | 95% interval |", "|---|---|---:|---|", *rows, ""]
+
+
 def _perplexity_section(records: list[dict], base: dict | None, cfg: dict, facts: dict, legacy: bool) -> list[str]:
     L: list[str] = []
     L.append("## (a) Perplexity — compressed-prefill mode\n" if legacy else
@@ -234,6 +273,7 @@ def _perplexity_section(records: list[dict], base: dict | None, cfg: dict, facts
         L.append(f"{head} {p['ppl']:.2f} | {d} | {p['tokens']} | "
                  f"{', '.join(f'{w:.1f}' for w in p['window_ppl'])} |")
     L.append("")
+    L.extend(_ops_section(records))
     if any(is_exact_prefill(r) for r in records):
         L.append("`+exactprefill` rows: each window is prefilled in one step and attends to its own fresh K/V, so "
                  "no scored token reads the cache: their perplexity measures the attention path, not the cache "

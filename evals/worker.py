@@ -18,6 +18,11 @@ from evals.calibration import served_calibration
 from evals.spec import effective_protected, encoding, parse_spec, prefill_mode, spec_bytes
 from evals.suites import suite_config
 
+#: Launch settings (``vllm_turboquant.kernels.common.CONFIG_ENV``) for Triton ops run under TRITON_INTERPRET=1:
+#: one tile per 256 query rows / keys / tokens, ~4x faster there than the GPU tiles (the kernel tests cover those).
+INTERPRETER_TILES = json.dumps({"prefill": {"BLOCK_R": 256, "BLOCK_N": 256}, "store": {"BLOCK_T": 64},
+                                "decode": {"BLOCK_N": 256}})
+
 
 def model_facts(model_path: str) -> dict[str, Any]:
     """head_dim, model_type, layer and KV-head counts and weight dtype from a model folder's ``config.json``."""
@@ -60,6 +65,8 @@ def run_worker(spec: str, model: str, suite: str, json_path: Path, overrides: di
 
             if not torch.cuda.is_available():
                 os.environ["TRITON_INTERPRET"] = "1"
+                # the interpreter costs per operation, not per element: the largest tiles, same maths
+                os.environ.setdefault("VLLM_TURBOQUANT_TRITON_CONFIG", INTERPRETER_TILES)
     from evals.lmeval import evaluate
     from evals.perplexity import perplexity, resolve_model
 
@@ -78,7 +85,8 @@ def run_worker(spec: str, model: str, suite: str, json_path: Path, overrides: di
                            "timings": {}, "errors": [], "loglik": {}, "ruler": {}, "ppl": None,
                            "facts_results": {}, "divergence": {}, "protected": effective_protected(spec),
                            "prefill": prefill_mode(parsed),
-                           "ops": os.environ.get("VLLM_TURBOQUANT_OPS", "auto") if tq else None}
+                           "ops": os.environ.get("VLLM_TURBOQUANT_OPS", "auto") if tq else None,
+                           "triton_config": os.environ.get("VLLM_TURBOQUANT_TRITON_CONFIG") if tq else None}
     timings = rec["timings"]
     options: dict[str, Any] = {}   # the plugin's options (additional_config["turboquant"])
     if parsed.protected:

@@ -272,3 +272,24 @@ def test_only_the_engine_module_touches_the_plugin():
     imported = set(re.findall(r"from vllm_turboquant\.backend import (\w+)", source))
     assert imported == {"register_preset"}   # the prefill mode is an engine argument (additional_config)
     assert "PRESETS" not in source and ".settings" not in source and "supported_kv_cache_dtypes" not in source
+
+
+def test_ops_rows_paired_against_the_torch_ops(tmp_path):
+    """``+opsIMPL`` rows get Δ perplexity against the ``+opstorch`` row with a paired 95% interval over windows
+    (Student t on per-window log ratios; 3 windows: t_0.975(2) = 4.3027)."""
+    import math
+
+    torch_rec, triton_rec = _record("turboquant3+opstorch", 40.0, 0.5, 0.5), _record("turboquant3+opstriton", 40.2,
+                                                                                      0.5, 0.5)
+    torch_rec["ppl"]["window_ppl"], triton_rec["ppl"]["window_ppl"] = [30.0, 40.0, 50.0], [30.3, 40.0, 50.5]
+    torch_rec["ops"], triton_rec["ops"] = "torch", "triton"
+    d = [math.log(1.01), 0.0, math.log(1.01)]
+    mean, sd = sum(d) / 3, math.sqrt(sum((x - sum(d) / 3) ** 2 for x in d) / 2)
+    lo, hi = (40.0 * (math.exp(mean + s * 4.302652729911275 * sd / math.sqrt(3)) - 1) for s in (-1, 1))
+    got = report.paired_ppl_delta(triton_rec, torch_rec)
+    assert got[0] == pytest.approx(0.2) and got[1] == pytest.approx(lo) and got[2] == pytest.approx(hi)
+    assert report.paired_ppl_delta(triton_rec, {"ppl": {"ppl": 40.0, "window_ppl": [40.0]}}) is None
+    out = tmp_path / "R.md"
+    report.write_report([_record("auto", 36.0, 0.6, 1.0), torch_rec, triton_rec], out,
+                        {"command": "python -m evals.run --suite smoke", "total_s": 1}, plots=False)
+    assert f"| `turboquant3+opstriton` | `turboquant3+opstorch` | +0.200 | [{lo:+.3f}, {hi:+.3f}] |" in out.read_text()
