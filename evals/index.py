@@ -12,13 +12,21 @@ import sys
 from pathlib import Path
 
 from evals.paths import REPO, RESULTS_DIR, default_out
-from evals.report import _sizes, agreement, divergence_summary, facts_summary, is_exact_prefill, mean_ruler
+from evals.report import (
+    _sizes,
+    agreement,
+    divergence_summary,
+    facts_summary,
+    is_exact_prefill,
+    mean_ruler,
+    ruler_summary,
+)
 from evals.spec import PLAIN_PRESETS
 from evals.suites import suite_config
 
 #: Row order: the runner's suites first, then the studies made with them (folder name -> runner suite, note).
-ORDER = ["quick", "ppl", "ppl_long", "loglik", "needle", "facts", "divergence", "full", "smoke", "protected",
-         "frontier", "levers", "prefill_modes", "ops", "ops_fp16_values"]
+ORDER = ["quick", "ppl", "ppl_long", "loglik", "needle", "multikey", "facts", "divergence", "full", "smoke",
+         "protected", "frontier", "levers", "prefill_modes", "ops", "ops_fp16_values"]
 STUDIES = {"protected": "S / W sweep", "frontier": "encoders per budget", "levers": "accuracy levers",
            "prefill_modes": "compressed vs exact prefill", "ops": "Triton vs torch ops",
            "ops_fp16_values": "Triton ops, single fp16 value operands"}
@@ -51,6 +59,12 @@ def headline(records: list[dict]) -> str:
     if records and records[0]["config"]["ruler_tasks"]:
         means = [(r["spec"], mean_ruler(r)) for r in ([base] if base else []) + plain]
         parts.append("RULER mean " + ", ".join(f"`{s}` {m:.2f}" for s, m in means if m is not None))
+        keys = list(records[0].get("ruler", {}))
+        hits = [(r["spec"], [ruler_summary(r, None, k) for k in keys]) for r in ([base] if base else []) + plain]
+        cells = [f"`{s}` {sum(x['hits'] for x in sm)}/{sum(x['n'] for x in sm)}" for s, sm in hits
+                 if sm and all(sm)]
+        if cells and records[0]["config"]["ruler_samples"] >= 10:
+            parts.append("RULER hits (lengths pooled) " + ", ".join(cells))
     for length in sorted({k for r in records for k in (r.get("facts_results") or {})}, key=int):
         cells = []
         for r in ([base] if base else []) + plain:

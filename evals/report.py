@@ -67,6 +67,51 @@ def ruler_agreement(rec: dict, base: dict) -> tuple[int | None, int]:
     return (same if total else None), total
 
 
+def ruler_summary(rec: dict, base: dict | None, key: str) -> dict | None:
+    """Hits (samples with score 1: every expected value in the answer), their Wilson 95% interval and the pairing
+    with ``base`` on the same samples, for one record's RULER ``key`` (``task@length``); None without per-sample
+    records."""
+    from evals.facts import wilson
+
+    samples = (rec.get("ruler", {}).get(key) or {}).get("samples") or {}
+    if not samples:
+        return None
+    hit = {d: x["score"] is not None and x["score"] >= 1.0 for d, x in samples.items()}
+    n, hits = len(hit), sum(hit.values())
+    out = {"n": n, "hits": hits, "rate": hits / n, "ci": wilson(hits, n)}
+    bsamples = (base.get("ruler", {}).get(key) or {}).get("samples") if base is not None and base is not rec else None
+    if bsamples:
+        bhit = {d: x["score"] is not None and x["score"] >= 1.0 for d, x in bsamples.items()}
+        common = sorted(set(hit) & set(bhit))
+        out["paired"] = len(common)
+        out["same_hit"] = sum(hit[k] == bhit[k] for k in common)
+        out["lost"] = sum(bhit[k] and not hit[k] for k in common)
+        out["gained"] = sum(hit[k] and not bhit[k] for k in common)
+        out["base_hits"] = sum(bhit[k] for k in common)
+    return out
+
+
+def _ruler_hits_table(records: list[dict], base: dict | None, keys: list[str]) -> list[str]:
+    rows = []
+    for k in keys:
+        for r in records:
+            sm = ruler_summary(r, base, k)
+            if sm is None:
+                continue
+            d = f"{sm['hits'] - sm['base_hits']:+d}" if "paired" in sm else ""
+            paired = ("—", "—") if "paired" not in sm else (f"{sm['same_hit']}/{sm['paired']}",
+                                                            f"{sm['lost']} / {sm['gained']}")
+            rows.append(f"| `{r['spec']}` | {k.replace('tq_', '')} | {sm['hits']}/{sm['n']} | {sm['rate']:.3f} | "
+                        f"[{sm['ci'][0]:.3f}, {sm['ci'][1]:.3f}] | {d} | " + " | ".join(paired) + " |")
+    if not rows:
+        return []
+    return ["Hits per task and length: a hit = score 1 (every expected value in the answer). `95% CI` = Wilson "
+            "interval of the hit rate; `Δ vs auto`, `same hit` and `lost` / `gained` pair each sample with "
+            "`auto`'s answer to the same prompt.\n",
+            "| dtype | task@length | hits | rate | 95% CI | Δ vs auto | same hit | lost / gained |",
+            "|---|---|---:|---:|---|---:|---:|---:|", *rows, ""]
+
+
 def mean_ruler(rec: dict) -> float | None:
     vals = [r["score"] for r in rec.get("ruler", {}).values() if r.get("score") is not None]
     return sum(vals) / len(vals) if vals else None
@@ -578,6 +623,7 @@ def render_report(records: list[dict], meta: dict, plot_names: list[str] | None 
             L.append(f"| `{r['spec']}` | " + " | ".join(cells) + f" | {_fmt(m, 2)}"
                      + (_delta(m, mb, 2) if base and r is not base else "") + " |" + same)
         L.append("")
+        L.extend(_ruler_hits_table(records, base, keys))
 
     if cfg.get("facts_n"):
         L.extend(_facts_section(records, base, cfg))

@@ -50,7 +50,8 @@ CPU cores, where the TurboQuant torch reference path (float64) costs ~1-3 s per 
 see ``evals.suites.SUITES``. Worker results are kept in ``--workdir`` (default
 ``cache_dir("evals", "runs", MODEL-SUITE)``); ``--reuse`` skips dtypes whose result for the same model/suite
 exists there and was measured with the same sizes; ``--report-only`` rewrites the report from them.
-``--facts-n`` / ``--facts-lengths`` change the facts suite's sizes (default 100 passages at 1K and 4K tokens).
+``--facts-n`` / ``--facts-lengths`` change the facts suite's sizes (default 100 passages at 1K and 4K tokens);
+``--ruler-samples`` / ``--ruler-lengths`` those of a suite with RULER tasks (``multikey``: 50 samples per length).
 
 Modules: ``suites`` (what a suite measures), ``spec`` (the dtype-spec grammar and bytes), ``calibration``
 (the calibration a spec is served with), ``engine`` (everything that touches the plugin), ``worker`` (one
@@ -120,13 +121,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="facts suite: passages per length (default 100)")
     parser.add_argument("--facts-lengths", default=None,
                         help="facts suite: comma-separated prompt lengths in tokens (default 1024,4096)")
+    parser.add_argument("--ruler-samples", type=int, default=None,
+                        help="suites with RULER tasks: samples per task and length (multikey: default 50)")
+    parser.add_argument("--ruler-lengths", default=None,
+                        help="suites with RULER tasks: comma-separated context lengths in tokens (multikey: "
+                             "default 2048,4096 for SmolLM2, 2048,4096,8192,16384 for Gemma-3)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    overrides = {"facts_n": args.facts_n,
-                 "facts_lengths": [int(x) for x in args.facts_lengths.split(",")] if args.facts_lengths else None}
-    size_flags = (["--facts-n", str(args.facts_n)] if args.facts_n is not None else []) + \
-        (["--facts-lengths", args.facts_lengths] if args.facts_lengths else [])
+    overrides = {"facts_n": args.facts_n, "ruler_samples": args.ruler_samples,
+                 "facts_lengths": [int(x) for x in args.facts_lengths.split(",")] if args.facts_lengths else None,
+                 "ruler_lengths": [int(x) for x in args.ruler_lengths.split(",")] if args.ruler_lengths else None}
+    # the same sizes for every worker: each flag given on this command line, passed on as given
+    size_flags = [x for flag, v in (("--facts-n", args.facts_n), ("--facts-lengths", args.facts_lengths),
+                                    ("--ruler-samples", args.ruler_samples),
+                                    ("--ruler-lengths", args.ruler_lengths)) if v is not None
+                  for x in (flag, str(v))]
 
     if args.worker:
         from evals.worker import run_worker

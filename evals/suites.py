@@ -82,6 +82,16 @@ SUITES: dict[str, dict[str, Any]] = {
         "ruler_lengths": {"smollm2": [], "gemma3": []}, "ruler_samples": 0,
         "facts_lengths": {"smollm2": [1024, 4096], "gemma3": [1024, 4096]}, "facts_n": 100,
     },
+    # multi-key needles (issue #18 item 1(b)): RULER niah_multikey_2 -- a haystack made only of "One of the
+    # special magic numbers for <key> is: <number>." lines, one key asked, every other line a distractor key --
+    # at 2K/4K (SmolLM2) and 2K-16K (Gemma-3); one answer per sample, so a sample's score is a hit or a miss
+    "multikey": {
+        "ppl": {"smollm2": (0, 0), "gemma3": (0, 0)},
+        "loglik_tasks": [], "loglik_limit": 0,
+        "ruler_tasks": ["tq_niah_multikey_2"],
+        "ruler_lengths": {"smollm2": [2048, 4096], "gemma3": [2048, 4096, 8192, 16384]},
+        "ruler_samples": 50, "ruler_gen_toks": 32,
+    },
     # greedy divergence from bf16: 16 chats x 128 tokens, first generated token that differs from auto's
     "divergence": {
         "ppl": {"smollm2": (0, 0), "gemma3": (0, 0)},
@@ -100,8 +110,9 @@ SUITES: dict[str, dict[str, Any]] = {
 DEFAULT_MODEL_SIZES = "smollm2"  # sizes used for a model folder not named in SUITES
 _DEFAULTS: dict[str, Any] = {"ruler_gen_toks": 128, "facts_lengths": None, "facts_n": 0, "facts_gen_toks": 32,
                              "facts_seed": 0, "divergence_n": 0, "divergence_tokens": 128}
-# the sizes a command line may change (``python -m evals.run --facts-n / --facts-lengths``)
-OVERRIDABLE = ("facts_n", "facts_lengths")
+# the sizes a command line may change (``python -m evals.run --facts-n / --facts-lengths / --ruler-samples /
+# --ruler-lengths``)
+OVERRIDABLE = ("facts_n", "facts_lengths", "ruler_samples", "ruler_lengths")
 
 
 def suite_config(suite: str, model: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -127,5 +138,8 @@ def suite_config(suite: str, model: str, overrides: dict[str, Any] | None = None
             continue
         if k not in cfg:
             raise ValueError(f"--{k.replace('_', '-')} applies to a suite that measures it (facts)")
+        if k.startswith("ruler_") and not cfg["ruler_tasks"]:
+            raise ValueError(f"--{k.replace('_', '-')} applies to a suite that runs RULER tasks "
+                             "(smoke, quick, needle, multikey, full)")
         cfg[k] = list(v) if isinstance(v, (list, tuple)) else v
     return cfg

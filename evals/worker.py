@@ -151,9 +151,11 @@ def run_worker(spec: str, model: str, suite: str, json_path: Path, overrides: di
                     rec["ruler"][f"{task}@{length}"] = {
                         "task": task, "length": length, "score": score, "metrics": metrics,
                         "n": len(samples) or cfg["ruler_samples"],
-                        # per sample: its score and the start of the answer (paired comparison with auto)
+                        # per sample: its score, the start of the answer and the expected values (paired
+                        # comparison with auto)
                         "samples": {str(x["doc_id"]): {"score": x.get(str(length), x.get("score")),
-                                                       "answer": str((x.get("filtered_resps") or [""])[0])[:120]}
+                                                       "answer": str((x.get("filtered_resps") or [""])[0])[:400],
+                                                       "expected": x.get("target")}
                                     for x in samples}}
         except Exception as exc:  # noqa: BLE001
             rec["errors"].append(f"ruler: {type(exc).__name__}: {exc}")
