@@ -208,6 +208,20 @@ def wilson(hits: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def sign_test(lost: int, gained: int) -> float:
+    """Two-sided exact sign test of paired hits (McNemar's exact test): the p-value of ``gained`` successes in
+    ``lost + gained`` discordant pairs under p = 1/2 (``scipy.stats.binomtest``); 1.0 without discordant pairs."""
+    from scipy.stats import binomtest
+
+    n = lost + gained
+    return 1.0 if n == 0 else float(binomtest(gained, n, 0.5).pvalue)
+
+
+def fmt_p(p: float) -> str:
+    """A p-value for a table: two decimals, or one significant digit below 0.01."""
+    return f"{p:.2f}" if p >= 0.01 else f"{p:.0e}"
+
+
 def run_facts(llm, model_path: str, cfg: dict[str, Any], text: str, bos_id: int | None) -> dict[str, Any]:
     """Generate the answers of every sample of ``cfg`` (``facts_lengths`` x ``facts_n``, ``facts_seed``) greedily
     with ``llm`` (all prompts submitted at once, as a server would batch them); returns the ``facts`` part of a

@@ -91,6 +91,13 @@ def ruler_summary(rec: dict, base: dict | None, key: str) -> dict | None:
     return out
 
 
+def _lost_gained(sm: dict) -> str:
+    """``lost / gained (p)``: the discordant pairs against ``auto`` and their two-sided exact sign test."""
+    from evals.facts import fmt_p, sign_test
+
+    return f"{sm['lost']} / {sm['gained']} (p {fmt_p(sign_test(sm['lost'], sm['gained']))})"
+
+
 def _ruler_hits_table(records: list[dict], base: dict | None, keys: list[str]) -> list[str]:
     rows = []
     for k in keys:
@@ -99,15 +106,14 @@ def _ruler_hits_table(records: list[dict], base: dict | None, keys: list[str]) -
             if sm is None:
                 continue
             d = f"{sm['hits'] - sm['base_hits']:+d}" if "paired" in sm else ""
-            paired = ("—", "—") if "paired" not in sm else (f"{sm['same_hit']}/{sm['paired']}",
-                                                            f"{sm['lost']} / {sm['gained']}")
+            paired = ("—", "—") if "paired" not in sm else (f"{sm['same_hit']}/{sm['paired']}", _lost_gained(sm))
             rows.append(f"| `{r['spec']}` | {k.replace('tq_', '')} | {sm['hits']}/{sm['n']} | {sm['rate']:.3f} | "
                         f"[{sm['ci'][0]:.3f}, {sm['ci'][1]:.3f}] | {d} | " + " | ".join(paired) + " |")
     if not rows:
         return []
     return ["Hits per task and length: a hit = score 1 (every expected value in the answer). `95% CI` = Wilson "
             "interval of the hit rate; `Δ vs auto`, `same hit` and `lost` / `gained` pair each sample with "
-            "`auto`'s answer to the same prompt.\n",
+            "`auto`'s answer to the same prompt; `p` = two-sided exact sign test of lost against gained.\n",
             "| dtype | task@length | hits | rate | 95% CI | Δ vs auto | same hit | lost / gained |",
             "|---|---|---:|---:|---|---:|---:|---:|", *rows, ""]
 
@@ -377,7 +383,8 @@ def _facts_section(records: list[dict], base: dict | None, cfg: dict) -> list[st
          f"one), greedy, up to {cfg.get('facts_gen_toks', 24)} new tokens. Hit = the asked value in the answer "
          "as a whole word and no distractor's value. `95% CI` = Wilson interval of the hit rate. `same hit` = "
          "samples scored as `auto` scored them; `same answer` = identical answer text; `lost` / `gained` = "
-         "`auto` hit and this dtype missed / the reverse (the paired difference is `gained − lost`).\n"]
+         "`auto` hit and this dtype missed / the reverse (the paired difference is `gained − lost`; `p` = two-sided "
+         "exact sign test of lost against gained).\n"]
     lengths = sorted({k for r in records for k in (r.get("facts_results") or {})}, key=int)
     L.append("| dtype | length | tokens (mean) | hits | rate | 95% CI | Δ vs auto | same hit | same answer | "
              "lost / gained |")
@@ -392,7 +399,7 @@ def _facts_section(records: list[dict], base: dict | None, cfg: dict) -> list[st
             d = "" if r is base or not bsm else f"{sm['hits'] - bsm['hits']:+d}"
             paired = ("—", "—", "—") if "paired" not in sm else (
                 f"{sm['same_hit']}/{sm['paired']}", f"{sm['same_answer']}/{sm['paired']}",
-                f"{sm['lost']} / {sm['gained']}")
+                _lost_gained(sm))
             L.append(f"| `{r['spec']}` | {length} | {sum(toks) / len(toks):.0f} | {sm['hits']}/{sm['n']} | "
                      f"{sm['rate']:.3f} | [{sm['ci'][0]:.3f}, {sm['ci'][1]:.3f}] | {d} | " + " | ".join(paired) + " |")
     L.append("")

@@ -70,7 +70,7 @@ def test_report_on_fake_results(tmp_path):
     assert "| 0.50 (-0.50) | 1/2 |" in text            # RULER, paired: sample 0 found by both, sample 1 lost
     # RULER hits with a Wilson interval (evals.facts.wilson) and the pairing with auto
     assert "| `auto` | niah_single_1@1024 | 2/2 | 1.000 | [0.342, 1.000] |  | — | — |" in text
-    assert "| `turboquant3` | niah_single_1@1024 | 1/2 | 0.500 | [0.095, 0.905] | -1 | 1/2 | 1 / 0 |" in text
+    assert "| `turboquant3` | niah_single_1@1024 | 1/2 | 0.500 | [0.095, 0.905] | -1 | 1/2 | 1 / 0 (p 1.00) |" in text
     for png in ("R_perplexity.png", "R_accuracy.png"):
         assert (tmp_path / png).stat().st_size > 1000 and png in text
     assert json.loads((tmp_path / "R.json").read_text())["records"][1]["spec"] == "turboquant3"

@@ -144,6 +144,15 @@ def _fact_record(spec: str, hits: list[bool], gen: list[list[int]]) -> dict:
             "divergence": {str(i): {"prompt": "p", "token_ids": ids, "text": ""} for i, ids in enumerate(gen)}}
 
 
+def test_sign_test_is_the_exact_binomial_tail():
+    # 9 lost, 3 gained: 2 P(X <= 3), X ~ Binomial(12, 1/2) = 2 (1 + 12 + 66 + 220) / 4096
+    assert facts.sign_test(9, 3) == pytest.approx(2 * 299 / 4096)
+    assert facts.sign_test(3, 9) == facts.sign_test(9, 3)
+    assert facts.sign_test(0, 0) == 1.0 and facts.sign_test(1, 0) == 1.0
+    assert facts.sign_test(10, 0) == pytest.approx(2 / 1024)
+    assert (facts.fmt_p(0.146), facts.fmt_p(0.003)) == ("0.15", "3e-03")
+
+
 def test_report_of_the_facts_and_divergence_suites(tmp_path):
     records = [_fact_record("auto", [True, True, False, True], [[1, 2, 3, 4], [5, 6, 7, 8]]),
                _fact_record("turboquant3", [True, False, False, True], [[1, 2, 3, 4], [5, 9, 7, 8]]),
@@ -157,9 +166,9 @@ def test_report_of_the_facts_and_divergence_suites(tmp_path):
     assert "machine load (1/5/15-min averages) 3.9/4.0/4.0 at the start" in text
     assert "## (d) Fact retrieval — realistic, as served" in text
     assert "| `auto` | 1024 | 1030 | 3/4 | 0.750 | [0.301, 0.954] |  | — | — | — |" in text
-    assert "| `turboquant3` | 1024 | 1030 | 2/4 | 0.500 | [0.150, 0.850] | -1 | 3/4 | 3/4 | 1 / 0 |" in text
-    assert ("| `turboquant3+exactprefill` | 1024 | 1030 | 4/4 | 1.000 | [0.510, 1.000] | +1 | 3/4 | 3/4 | 0 / 1 |"
-            in text)
+    assert "| `turboquant3` | 1024 | 1030 | 2/4 | 0.500 | [0.150, 0.850] | -1 | 3/4 | 3/4 | 1 / 0 (p 1.00) |" in text
+    assert ("| `turboquant3+exactprefill` | 1024 | 1030 | 4/4 | 1.000 | [0.510, 1.000] | +1 | 3/4 | 3/4 | "
+            "0 / 1 (p 1.00) |" in text)
     assert "| L1024-001 | `turboquant3` | middle | code | 1 | 7341 | 7341 | no idea |" in text  # auto hit, tq3 not
     # divergence: tq3 diverges at 4 (identical) and 1; exact prefill at 2 and 4
     assert re.search(r"\| `turboquant3` \| 2 \| 2\.5 \| \[.*\] \| 4 \| 1/2 \| 4, 1 \|", text)
