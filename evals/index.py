@@ -30,6 +30,7 @@ ORDER = ["quick", "ppl", "ppl_long", "loglik", "needle", "multikey", "facts", "d
 STUDIES = {"protected": "S / W sweep", "frontier": "encoders per budget", "levers": "accuracy levers",
            "prefill_modes": "compressed vs exact prefill", "ops": "Triton vs torch ops",
            "ops_fp16_values": "Triton ops, single fp16 value operands"}
+MIN_RULER_HITS_SAMPLES = 10  # fewer samples per length: pooled hits say little, the index shows the means only
 SHORT_PPL = 1000  # fewer scored tokens: the suite's perplexity is a sanity check, not a headline
 
 
@@ -63,7 +64,7 @@ def headline(records: list[dict]) -> str:
         hits = [(r["spec"], [ruler_summary(r, None, k) for k in keys]) for r in ([base] if base else []) + plain]
         cells = [f"`{s}` {sum(x['hits'] for x in sm)}/{sum(x['n'] for x in sm)}" for s, sm in hits
                  if sm and all(sm)]
-        if cells and records[0]["config"]["ruler_samples"] >= 10:
+        if cells and records[0]["config"]["ruler_samples"] >= MIN_RULER_HITS_SAMPLES:
             parts.append("RULER hits (lengths pooled) " + ", ".join(cells))
     for length in sorted({k for r in records for k in (r.get("facts_results") or {})}, key=int):
         cells = []

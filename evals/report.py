@@ -67,27 +67,33 @@ def ruler_agreement(rec: dict, base: dict) -> tuple[int | None, int]:
     return (same if total else None), total
 
 
+def _paired_hits(hit: dict[str, bool], base_hit: dict[str, bool]) -> dict[str, int]:
+    """The pairing of two runs' hits on the samples both have: how many, scored alike, lost and gained (``base``
+    hit and this run missed / the reverse)."""
+    common = set(hit) & set(base_hit)
+    return {"paired": len(common), "same_hit": sum(hit[k] == base_hit[k] for k in common),
+            "lost": sum(base_hit[k] and not hit[k] for k in common),
+            "gained": sum(hit[k] and not base_hit[k] for k in common)}
+
+
 def ruler_summary(rec: dict, base: dict | None, key: str) -> dict | None:
     """Hits (samples with score 1: every expected value in the answer), their Wilson 95% interval and the pairing
     with ``base`` on the same samples, for one record's RULER ``key`` (``task@length``); None without per-sample
     records."""
     from evals.facts import wilson
 
-    samples = (rec.get("ruler", {}).get(key) or {}).get("samples") or {}
-    if not samples:
+    def hits_of(r: dict) -> dict[str, bool]:
+        samples = (r.get("ruler", {}).get(key) or {}).get("samples") or {}
+        return {d: x["score"] is not None and x["score"] >= 1.0 for d, x in samples.items()}
+
+    hit = hits_of(rec)
+    if not hit:
         return None
-    hit = {d: x["score"] is not None and x["score"] >= 1.0 for d, x in samples.items()}
     n, hits = len(hit), sum(hit.values())
     out = {"n": n, "hits": hits, "rate": hits / n, "ci": wilson(hits, n)}
-    bsamples = (base.get("ruler", {}).get(key) or {}).get("samples") if base is not None and base is not rec else None
-    if bsamples:
-        bhit = {d: x["score"] is not None and x["score"] >= 1.0 for d, x in bsamples.items()}
-        common = sorted(set(hit) & set(bhit))
-        out["paired"] = len(common)
-        out["same_hit"] = sum(hit[k] == bhit[k] for k in common)
-        out["lost"] = sum(bhit[k] and not hit[k] for k in common)
-        out["gained"] = sum(hit[k] and not bhit[k] for k in common)
-        out["base_hits"] = sum(bhit[k] for k in common)
+    bhit = hits_of(base) if base is not None and base is not rec else None
+    if bhit:
+        out.update(_paired_hits(hit, bhit), base_hits=sum(bhit[k] for k in set(hit) & set(bhit)))
     return out
 
 
@@ -363,12 +369,9 @@ def facts_summary(rec: dict, base: dict | None, length: str) -> dict | None:
     bpart = (base or {}).get("facts_results", {}).get(length) if base is not None and base is not rec else None
     if bpart:
         a, b = part["samples"], bpart["samples"]
-        common = sorted(set(a) & set(b))
-        out["paired"] = len(common)
-        out["same_hit"] = sum(a[k]["hit"] == b[k]["hit"] for k in common)
+        common = set(a) & set(b)
+        out.update(_paired_hits({k: x["hit"] for k, x in a.items()}, {k: x["hit"] for k, x in b.items()}))
         out["same_answer"] = sum(a[k]["answer"] == b[k]["answer"] for k in common)
-        out["lost"] = sum(b[k]["hit"] and not a[k]["hit"] for k in common)
-        out["gained"] = sum(a[k]["hit"] and not b[k]["hit"] for k in common)
         out["prompts_match"] = all(a[k]["prompt_sha"] == b[k]["prompt_sha"] for k in common)
     return out
 
