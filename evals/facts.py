@@ -126,6 +126,8 @@ def build_samples(tokenizer, text: str, lengths: list[int], n: int, seed: int = 
                   bos_id: int | None = None) -> list[FactSample]:
     """``n`` samples per target length, seeded: the same tokenizer, text and seed give the same token ids.
 
+    Sample ``i`` depends only on (seed, length, i), so the first ``k`` samples of ``n`` are the samples of
+    ``k`` (what lets ``extend_facts_record`` add passages to a stored run).
     ``bos_id``: prepended to every prompt (models whose tokenizer does not add BOS but need it: Gemma)."""
     lines = filler_lines(text)
     cache: dict[int, int] = {}
@@ -225,11 +227,17 @@ def fmt_p(p: float) -> str:
 def run_facts(llm, model_path: str, cfg: dict[str, Any], text: str, bos_id: int | None) -> dict[str, Any]:
     """Generate the answers of every sample of ``cfg`` (``facts_lengths`` x ``facts_n``, ``facts_seed``) greedily
     with ``llm`` (all prompts submitted at once, as a server would batch them); returns the ``facts`` part of a
-    worker record: per length ``{"n", "hits", "samples": {id: {...}}}``."""
+    worker record: per length ``{"n", "hits", "samples": {id: {...}}}``.
+
+    With ``cfg["facts_first"] = k`` (the runner extending a stored run of ``k`` passages) only samples
+    ``k .. facts_n-1`` are generated; the part then also holds ``"built_sha"``: ``{id: prompt_sha}`` of samples
+    ``0 .. k-1`` built again, which ``extend_facts_record`` checks against the stored ones."""
     from vllm import SamplingParams, TokensPrompt
 
     tokenizer = llm.get_tokenizer()
-    samples = build_samples(tokenizer, text, cfg["facts_lengths"], cfg["facts_n"], cfg.get("facts_seed", 0), bos_id)
+    first = int(cfg.get("facts_first", 0))
+    built = build_samples(tokenizer, text, cfg["facts_lengths"], cfg["facts_n"], cfg.get("facts_seed", 0), bos_id)
+    samples = [s for s in built if int(s.id.split("-")[1]) >= first]
     params = SamplingParams(max_tokens=cfg.get("facts_gen_toks", 24), temperature=0.0, seed=0)
     outs = llm.generate([TokensPrompt(prompt_token_ids=s.prompt_ids) for s in samples], params, use_tqdm=False)
     result: dict[str, Any] = {}
@@ -240,4 +248,53 @@ def run_facts(llm, model_path: str, cfg: dict[str, Any], text: str, bos_id: int 
         part["n"] += 1
         part["hits"] += hit
         part["samples"][s.id] = {**s.meta(), "answer": answer.strip()[:160], "hit": bool(hit)}
+    if first:
+        for s in built:
+            if int(s.id.split("-")[1]) < first:
+                result[str(s.length)].setdefault("built_sha", {})[s.id] = s.prompt_sha
     return result
+
+
+def extendable_facts(stored: dict[str, Any], cfg: dict[str, Any]) -> int:
+    """How many passages per length a stored worker record ``stored`` holds that a run of config ``cfg`` can
+    keep: its ``facts_n`` when ``cfg`` asks for more passages and is otherwise the same config and the record
+    has no errors; 0 otherwise (the runner then measures everything again)."""
+    old = stored.get("config") or {}
+    n_old, n_new = old.get("facts_n") or 0, cfg.get("facts_n") or 0
+    same = {k: v for k, v in old.items() if k != "facts_n"} == {k: v for k, v in cfg.items() if k != "facts_n"}
+    ok = same and 0 < n_old < n_new and not stored.get("errors") and stored.get("facts_results")
+    return n_old if ok else 0
+
+
+def extend_facts_record(stored: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The worker record of a run extended from ``stored`` (passages ``0 .. k-1``) by ``new`` (a worker run
+    with ``facts_first = k``: passages ``k .. n-1``): per length the union of the samples with ``n`` and
+    ``hits`` recounted, ``new``'s config without ``facts_first``, timings summed, and ``"extended"`` listing
+    the passage counts run in each part.
+
+    Raises ValueError when ``new`` has errors, when the passages it built again for ``0 .. k-1`` do not
+    have the stored prompts (``prompt_sha``: another tokenizer, filler text or design), or when the union is
+    not exactly passages ``0 .. n-1`` of every length."""
+    if new.get("errors"):
+        raise ValueError(f"the extension run has errors: {new['errors']}")
+    cfg = {k: v for k, v in new["config"].items() if k != "facts_first"}
+    k, n = new["config"].get("facts_first", 0), cfg["facts_n"]
+    merged = {**new, "config": cfg, "facts_results": {}}
+    for length, part in new["facts_results"].items():
+        old = stored["facts_results"].get(length) or {}
+        old_sha = {i: s.get("prompt_sha") for i, s in old.get("samples", {}).items()}
+        if old_sha != part.get("built_sha", {}):
+            raise ValueError(f"length {length}: the stored passages are not the first {k} of this design "
+                             "(prompt tokens differ); run without --reuse")
+        samples = {**old["samples"], **part["samples"]}
+        if sorted(samples) != [f"L{length}-{i:03d}" for i in range(n)]:
+            raise ValueError(f"length {length}: the stored and new passages are not passages 0..{n - 1}")
+        merged["facts_results"][length] = {"length": part["length"], "n": len(samples),
+                                           "hits": sum(bool(s["hit"]) for s in samples.values()),
+                                           "samples": samples}
+    if sorted(merged["facts_results"]) != sorted(stored["facts_results"]):
+        raise ValueError("the stored and new runs measured other lengths")
+    times = stored.get("timings", {}), new.get("timings", {})
+    merged["timings"] = {key: times[0].get(key, 0) + times[1].get(key, 0) for key in {**times[0], **times[1]}}
+    merged["extended"] = [*stored.get("extended", [stored["config"]["facts_n"]]), n - k]
+    return merged

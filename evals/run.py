@@ -49,7 +49,10 @@ Suites (per model; ``quick`` is sized to finish in < 20 min for SmolLM2 x 5 dtyp
 CPU cores, where the TurboQuant torch reference path (float64) costs ~1-3 s per loglikelihood request):
 see ``evals.suites.SUITES``. Worker results are kept in ``--workdir`` (default
 ``cache_dir("evals", "runs", MODEL-SUITE)``); ``--reuse`` skips dtypes whose result for the same model/suite
-exists there and was measured with the same sizes; ``--report-only`` rewrites the report from them.
+exists there and was measured with the same sizes, and extends a facts result measured with fewer passages
+(the same sizes otherwise): the worker generates only the missing passages, checks that the stored ones are
+the first of the same seeded design, and the two are merged (``evals.facts.extend_facts_record``);
+``--report-only`` rewrites the report from them.
 ``--facts-n`` / ``--facts-lengths`` change the facts suite's sizes (default 100 passages at 1K and 4K tokens);
 ``--ruler-samples`` / ``--ruler-lengths`` those of a suite with RULER tasks (``multikey``: 50 samples per length).
 
@@ -70,6 +73,7 @@ import sys
 import time
 from pathlib import Path
 
+from evals.facts import extend_facts_record, extendable_facts
 from evals.paths import REPO, RESULTS_DIR, default_out
 from evals.spec import parse_spec, spec_filename
 from evals.suites import SUITES
@@ -127,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="suites with RULER tasks: comma-separated context lengths in tokens (multikey: "
                              "default 2048,4096 for SmolLM2, 2048,4096,8192,16384 for Gemma-3)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--facts-first", type=int, default=0, help=argparse.SUPPRESS)  # worker: extend a run
     parser.add_argument("--json", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     overrides = {"facts_n": args.facts_n, "ruler_samples": args.ruler_samples,
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         from evals.worker import run_worker
 
-        run_worker(args.worker, args.model, args.suite, args.json, overrides)
+        run_worker(args.worker, args.model, args.suite, args.json, overrides, facts_first=args.facts_first)
         return 0
 
     from evals.perplexity import resolve_model
@@ -174,25 +179,43 @@ def main(argv: list[str] | None = None) -> int:
     for spec in specs:
         result = workdir / f"{spec_filename(spec)}.json"
         log = workdir / f"{spec_filename(spec)}.log"
-        stale = (args.reuse and result.exists() and not args.report_only
-                 and json.loads(result.read_text()).get("config") != cfg)
-        if stale:
+        stored = json.loads(result.read_text()) if args.reuse and result.exists() and not args.report_only else None
+        stale = stored is not None and stored.get("config") != cfg
+        first = extendable_facts(stored, cfg) if stale else 0
+        if first:
+            print(f"[evals.run] {spec}: stored result has {first} passages per length; adding the rest",
+                  flush=True)
+        elif stale:
             print(f"[evals.run] {spec}: stored result measured other sizes; running again", flush=True)
         if not (args.report_only or (args.reuse and result.exists() and not stale)):
-            result.unlink(missing_ok=True)
+            part = result.with_name(result.stem + ".part.json")
+            target = part if first else result
+            part.unlink(missing_ok=True)
+            if not first:
+                result.unlink(missing_ok=True)
             cmd = [sys.executable, "-m", "evals.run", "--worker", spec, "--model", args.model, "--suite",
-                   args.suite, "--json", str(result)] + size_flags
+                   args.suite, "--json", str(target)] + size_flags + (["--facts-first", str(first)] if first else [])
             print(f"[evals.run] {spec}: running (log {log})", flush=True)
             t = time.perf_counter()
             with log.open("w") as fh:
                 rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
             wall = time.perf_counter() - t
-            if rc != 0 or not result.exists():
+            if rc != 0 or not target.exists():
                 print(f"[evals.run] {spec}: worker failed (exit {rc}); see {log}", flush=True)
                 continue
-            rec = json.loads(result.read_text())
+            rec = json.loads(target.read_text())
             rec["timings"]["process"] = wall
-            result.write_text(json.dumps(rec, indent=1))
+            if first:
+                try:
+                    rec = extend_facts_record(stored, rec)
+                except ValueError as exc:
+                    print(f"[evals.run] {spec}: cannot extend the stored result: {exc}", flush=True)
+                    continue
+            # written whole, then renamed: a report never reads a half-written result
+            tmp = result.with_name(result.stem + ".tmp")
+            tmp.write_text(json.dumps(rec, indent=1))
+            tmp.replace(result)
+            part.unlink(missing_ok=True)
             print(f"[evals.run] {spec}: done in {wall:.0f} s; ppl={(rec.get('ppl') or {}).get('ppl')} "
                   f"errors={rec['errors']}", flush=True)
         if result.exists():

@@ -51,9 +51,11 @@ def _metrics(task_result: dict) -> dict[str, float]:
     return out
 
 
-def run_worker(spec: str, model: str, suite: str, json_path: Path, overrides: dict[str, Any] | None = None) -> dict:
+def run_worker(spec: str, model: str, suite: str, json_path: Path, overrides: dict[str, Any] | None = None,
+               facts_first: int = 0) -> dict:
     """Measure (a)-(e) for one dtype spec (what the suite asks; ``overrides``: ``suites.OVERRIDABLE`` sizes);
-    writes and returns the result record."""
+    writes and returns the result record. ``facts_first = k``: generate facts passages ``k ..`` only (the
+    runner extending a stored result; ``evals.facts.run_facts``); recorded as ``config["facts_first"]``."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # engine core in this process (fast start, inspectable)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     t_start = time.perf_counter()
@@ -73,6 +75,10 @@ def run_worker(spec: str, model: str, suite: str, json_path: Path, overrides: di
     name, path = resolve_model(model)
     facts = model_facts(path)
     cfg = suite_config(suite, name, overrides)
+    if facts_first:
+        if not cfg.get("facts_n") or not 0 < facts_first < cfg["facts_n"]:
+            raise ValueError(f"--facts-first {facts_first}: needs a facts suite with more passages than that")
+        cfg["facts_first"] = facts_first
     dtype, calibrated, tq = parsed.dtype, parsed.calibrated, parsed.turboquant
     if parsed.adhoc:
         engine.register_adhoc(parsed.preset)   # before the engine is built

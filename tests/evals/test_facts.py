@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zlib
 
 import pytest
 
@@ -151,6 +152,77 @@ def test_sign_test_is_the_exact_binomial_tail():
     assert facts.sign_test(0, 0) == 1.0 and facts.sign_test(1, 0) == 1.0
     assert facts.sign_test(10, 0) == pytest.approx(2 / 1024)
     assert (facts.fmt_p(0.146), facts.fmt_p(0.003)) == ("0.15", "3e-03")
+
+
+class HashTokenizer(WordTokenizer):
+    """Word tokens with fixed ids (a hash), as a real tokenizer has: a text's ids do not depend on what was
+    tokenised before (WordTokenizer's growing vocabulary does)."""
+
+    def _ids(self, text: str) -> list[int]:
+        return [zlib.crc32(w.encode()) % 50_000 + 1 for w in text.split()]
+
+
+class PromptEchoLLM:
+    """A stand-in engine: the answer of a prompt is its sample's expected value when the prompt's token count
+    is even, else "no idea" -- a deterministic function of the prompt, so a run's hits are reproducible."""
+
+    def __init__(self, tokenizer, samples):
+        self.tokenizer = tokenizer
+        self.expected = {tuple(s.prompt_ids): s.expected for s in samples}
+        self.generated: list[int] = []
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def generate(self, prompts, params, use_tqdm=False):
+        self.generated += [len(p["prompt_token_ids"]) for p in prompts]
+
+        class Out:
+            def __init__(self, text):
+                self.outputs = [type("C", (), {"text": text})()]
+
+        return [Out(self.expected[tuple(p["prompt_token_ids"])] if len(p["prompt_token_ids"]) % 2 == 0
+                    else "no idea") for p in prompts]
+
+
+def _facts_run(n, first=0, seed=0):
+    pytest.importorskip("vllm")
+    tok = HashTokenizer()
+    cfg = {"facts_lengths": [200, 300], "facts_n": n, "facts_seed": seed, "facts_gen_toks": 8}
+    llm = PromptEchoLLM(tok, facts.build_samples(tok, FILLER, cfg["facts_lengths"], n, seed))
+    if first:
+        cfg["facts_first"] = first
+    out = facts.run_facts(llm, "m", cfg, FILLER, None)
+    return {"config": cfg, "errors": [], "facts_results": out, "timings": {"facts": 1.0, "process": 2.0}}, llm
+
+
+def test_extending_a_facts_run_equals_the_whole_run():
+    whole, _ = _facts_run(7)
+    stored, _ = _facts_run(4)
+    part, llm = _facts_run(7, first=4)
+    assert len(llm.generated) == 2 * 3                        # only passages 4..6 of each length generated
+    assert sorted(part["facts_results"]["200"]["samples"]) == ["L200-004", "L200-005", "L200-006"]
+    merged = facts.extend_facts_record(stored, part)
+    assert merged["facts_results"] == whole["facts_results"]
+    assert 0 < merged["facts_results"]["200"]["hits"] < 7      # the stand-in hits some passages, not all
+    assert merged["config"] == whole["config"] and merged["extended"] == [4, 3]
+    assert merged["timings"] == {"facts": 2.0, "process": 4.0}
+    # what the runner may extend: the same sizes but more passages, no errors
+    assert facts.extendable_facts(stored, whole["config"]) == 4
+    assert facts.extendable_facts(whole, stored["config"]) == 0                       # fewer passages
+    assert facts.extendable_facts(stored, {**whole["config"], "facts_seed": 1}) == 0   # another design
+    assert facts.extendable_facts({**stored, "errors": ["facts: boom"]}, whole["config"]) == 0
+
+
+def test_extending_refuses_other_passages():
+    other, _ = _facts_run(4, seed=1)                           # another seed: other prompts for 0..3
+    part, _ = _facts_run(7, first=4)
+    with pytest.raises(ValueError, match="not the first 4 of this design"):
+        facts.extend_facts_record(other, part)
+    stored, _ = _facts_run(4)
+    del stored["facts_results"]["200"]["samples"]["L200-003"]
+    with pytest.raises(ValueError, match="length 200"):
+        facts.extend_facts_record(stored, part)
 
 
 def test_report_of_the_facts_and_divergence_suites(tmp_path):
