@@ -436,8 +436,6 @@ class Reference:
             if len(rows) == 1:
                 o = R.paged_decode(q[rows_t], self.cache, self.block_table(r), torch.tensor([seq_len]), self.tables,
                                    self.fmt, scale, self.window, self.prot(r))
-                if not self.compressed and seq_len == 1:  # a one-token prompt attends to its own exact value
-                    o = v[rows_t].float().repeat_interleave(q.shape[1] // v.shape[1], dim=1)
             else:
                 o = R.prefill(q[rows_t], k[rows_t], v[rows_t], self.cache, self.block_table(r),
                               torch.tensor([0, len(rows)]), torch.tensor([seq_len]), self.tables, self.fmt, scale,

@@ -152,6 +152,22 @@ def test_ops_triton_needs_a_driver_or_the_interpreter():
     with pytest.raises(ValueError, match="ops='cpu'.*CPU platform only"):
         check_usable(load_settings({"turboquant": {"ops": "cpu"}}, environ={}), "cuda", "X", environ={})
     check_usable(load_settings({}, environ={}), "cpu", environ={})
+    # the kernels' launch overrides are checked here, before the engine starts, not at the first launch
+    interp = {"TRITON_INTERPRET": "1"}
+    for text, match in (("{bad", "VLLM_TURBOQUANT_TRITON_CONFIG=.*is not JSON"),
+                        ('{"attn": {}}', "keyed by store, decode, prefill"),
+                        ('{"prefill": {"BLOCK_M": 64}}', "prefill has no launch setting 'BLOCK_M'; accepted: "
+                                                         "BLOCK_N, BLOCK_R, num_stages, num_warps"),
+                        ('{"decode": {"BLOCK_N": 48}}', r"decode.BLOCK_N=48; accepted: a power of two"),
+                        ('{"store": {"num_warps": 0}}', r"store.num_warps=0; accepted: a positive integer")):
+        with pytest.raises(ValueError, match=match):
+            check_usable(triton, "cpu", "X", environ={**interp, "VLLM_TURBOQUANT_TRITON_CONFIG": text})
+        with pytest.raises(ValueError, match=match):   # auto on CUDA runs the kernels too
+            check_usable(load_settings({}, environ={}), "cuda", "X",
+                         environ={"VLLM_TURBOQUANT_TRITON_CONFIG": text})
+    check_usable(triton, "cpu", "X", environ={**interp, "VLLM_TURBOQUANT_TRITON_CONFIG":
+                                              '{"prefill": {"BLOCK_R": 128, "BLOCK_N": 128}, "decode": {}}'})
+    check_usable(load_settings({}, environ={}), "cpu", "X", environ={"VLLM_TURBOQUANT_TRITON_CONFIG": "{bad"})
     # a preset only the torch ops encode (Preset.lsq_scale) is refused before the engine starts, naming the fix
     from vllm_turboquant.presets import Preset
 
@@ -241,6 +257,13 @@ def test_llm_refuses_bad_options_before_an_engine_starts(tiny, tmp_path, monkeyp
     if current_platform.is_cpu() and importlib.util.find_spec("triton") is not None:
         with pytest.raises(OptionError, match=r"ops='triton' \(from VLLM_TURBOQUANT_OPS\).*TRITON_INTERPRET=1"):
             LLM(str(tiny), kv_cache_dtype="turboquant3", enforce_eager=True, max_model_len=256)
+        # a typo in the kernels' launch overrides: refused here, not at the first kernel launch
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setenv("VLLM_TURBOQUANT_TRITON_CONFIG", '{"decode": {"BLOCK_M": 64}}')
+        with pytest.raises(OptionError, match=r"TRITON_CONFIG: decode has no launch setting 'BLOCK_M'; accepted: "
+                                              r"BLOCK_N, num_stages, num_warps"):
+            LLM(str(tiny), kv_cache_dtype="turboquant3", enforce_eager=True, max_model_len=256)
+        monkeypatch.delenv("VLLM_TURBOQUANT_TRITON_CONFIG")
     monkeypatch.setenv("VLLM_TURBOQUANT_OPS", "auto")
     calib = tmp_path / "wrong-layers.safetensors"  # 3 layers for a 4-layer model
     CodebookRegistry.default("turboquant3", 64, 3, 2).save(calib)

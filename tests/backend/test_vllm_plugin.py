@@ -140,7 +140,7 @@ def _attach_checker(llm, compressed_prefill: bool):
                 fields = unpack_slots(R.gather_slots(cache, md.block_table[b:b + 1], L)[0], _p.fmt.layout)
                 k, v = R.dequantize(fields, _p.tables, _p.fmt)
                 k, v = k.double(), v.double()
-                is_decode = qe - qs == 1 and (compressed_prefill or L > 1)
+                is_decode = qe - qs == 1   # a one-token step reads the cache, in either mode
                 ctx = L - (qe - qs)
                 if not compressed_prefill and not is_decode:
                     k[ctx:], v[ctx:] = key[qs:qe].double(), value[qs:qe].double()

@@ -249,7 +249,9 @@ class PackedLayer:
                 kv_cache: torch.Tensor, meta: PackedMetadata, output: torch.Tensor) -> torch.Tensor:
         """Attention of a planned step: decode requests through ``paged_decode`` together, prefill and
         chunked-prefill requests through ``prefill``; writes ``output`` rows in place. Reads nothing back
-        from the device."""
+        from the device. A one-token step is a decode here in either prefill mode (vLLM's batch does not say
+        whether the token is a prompt's): with ``compressed_prefill`` false its own token is exact only inside
+        the recent window, like any decode's."""
         tables = self.bind(layer_name, query.device)
         compressed = self.engine.settings.compressed_prefill
         cache = kv_cache.permute(0, 2, 1, 3)
@@ -265,9 +267,6 @@ class PackedLayer:
             out = self.ops.paged_decode(query[rows], cache, meta.block_table[reqs], seq_lens, tables, self.fmt,
                                         self.scale, self.window,
                                         self._protected(cache_x, None if bt_x is None else bt_x[reqs]))
-            if not compressed:  # a one-token prompt attends to its own exact value, as prefill would
-                own = value[rows].float().repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
-                out = torch.where((seq_lens == 1).view(-1, 1, 1), own, out)
             output[rows] = out.to(output.dtype)
         if meta.num_prefills:
             if meta.prefill_reqs is None:

@@ -5,7 +5,8 @@ Options come from environment variables or ``--additional-config '{"turboquant":
 | option | env var | default | meaning |
 |---|---|---|---|
 | compressed_prefill | VLLM_TURBOQUANT_COMPRESSED_PREFILL | true | prefill reads every key and value back from the
-  packed cache, as decode does |
+  packed cache, as decode does; ``false``: a prompt chunk of two or more tokens attends to its own fresh K/V, and a
+  one-token step (vLLM schedules it as a decode, whether or not it is a prompt token) reads the cache |
 | calibration | VLLM_TURBOQUANT_CALIBRATION | auto | ``auto``: presets that ask for it are calibrated once per
   model at the first start (``calibrate.py``) -- only a model whose size is known on this machine and at most 8 GiB
   of weights (a local folder, or a hub ID whose weights are in the local Hugging Face cache, looked up offline);
@@ -175,7 +176,9 @@ def check_usable(settings: Settings, device_type: str, source: str = "the settin
       the CPU build has no Triton driver, so the first request would kill the engine ("0 active drivers");
     * ``ops=cpu`` (the compiled CPU ops) reads host memory: only on the CPU platform, and only when the
       compiled library loads (``cpu_ops.available``);
-    * a ``preset`` (when given) the ops cannot encode (``ops.check_preset``: ``lsq_scale`` needs ``ops=torch``).
+    * a ``preset`` (when given) the ops cannot encode (``ops.check_preset``: ``lsq_scale`` needs ``ops=torch``);
+    * where the Triton kernels run (``ops=triton``, or ``auto`` on CUDA), a malformed
+      ``VLLM_TURBOQUANT_TRITON_CONFIG`` (``kernels.ops.check_launch_overrides``).
 
     ``source`` names where the option came from (``option_source``)."""
     environ = os.environ if environ is None else environ
@@ -200,6 +203,10 @@ def check_usable(settings: Settings, device_type: str, source: str = "the settin
             raise ValueError(f"turboquant option ops='cpu' (from {source}): the compiled CPU ops do not load "
                              f"({cpu_ops.unavailable_reason()}). To fix: {cpu_ops.BUILD_HINT}; or use ops='torch' (the "
                              "reference, ~10x slower)")
+    if ops == "triton" or (ops == "auto" and device_type == "cuda"):
+        from ..kernels.ops import check_launch_overrides
+
+        check_launch_overrides(environ.get("VLLM_TURBOQUANT_TRITON_CONFIG"))
     if preset is not None:
         try:
             check_preset(ops, preset)   # strict for 'auto': say which ops to ask for

@@ -79,7 +79,9 @@ CONFIG_FAMILIES = ("store", "decode", "prefill")
 
 
 @functools.lru_cache(maxsize=8)
-def _env_overrides(text: str) -> dict[str, dict]:
+def env_overrides(text: str) -> dict[str, dict]:
+    """The ``CONFIG_ENV`` overrides in ``text``, parsed: ``{family: {setting: value}}``. Raises ValueError
+    (naming the variable) for text that is not a JSON object of objects keyed by ``CONFIG_FAMILIES``."""
     try:
         parsed = json.loads(text)
     except json.JSONDecodeError as e:
@@ -95,7 +97,7 @@ def launch_config(family: str, base: dict, config: dict | None = None) -> dict:
     """``base`` (a ``*_config`` result), updated by the ``CONFIG_ENV`` overrides of ``family`` and then by
     ``config``. Raises ValueError for malformed overrides or a key ``base`` does not have (naming its keys)."""
     cfg = dict(base)
-    for source, over in ((CONFIG_ENV, _env_overrides(os.environ.get(CONFIG_ENV) or "{}").get(family, {})),
+    for source, over in ((CONFIG_ENV, env_overrides(os.environ.get(CONFIG_ENV) or "{}").get(family, {})),
                          ("config", config or {})):
         unknown = sorted(set(over) - set(base))
         if unknown:
