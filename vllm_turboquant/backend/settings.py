@@ -178,7 +178,7 @@ def check_usable(settings: Settings, device_type: str, source: str = "the settin
       compiled library loads (``cpu_ops.available``);
     * a ``preset`` (when given) the ops cannot encode (``ops.check_preset``: ``lsq_scale`` needs ``ops=torch``);
     * where the Triton kernels run (``ops=triton``, or ``auto`` on CUDA), a malformed
-      ``VLLM_TURBOQUANT_TRITON_CONFIG`` (``kernels.ops.check_launch_overrides``).
+      ``VLLM_TURBOQUANT_TRITON_CONFIG`` (``kernels.common.check_launch_overrides``).
 
     ``source`` names where the option came from (``option_source``)."""
     environ = os.environ if environ is None else environ
@@ -204,7 +204,7 @@ def check_usable(settings: Settings, device_type: str, source: str = "the settin
                              f"({cpu_ops.unavailable_reason()}). To fix: {cpu_ops.BUILD_HINT}; or use ops='torch' (the "
                              "reference, ~10x slower)")
     if ops == "triton" or (ops == "auto" and device_type == "cuda"):
-        from ..kernels.ops import check_launch_overrides
+        from ..kernels.common import check_launch_overrides
 
         check_launch_overrides(environ.get("VLLM_TURBOQUANT_TRITON_CONFIG"))
     if preset is not None:

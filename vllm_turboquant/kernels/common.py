@@ -107,6 +107,29 @@ def launch_config(family: str, base: dict, config: dict | None = None) -> dict:
     return cfg
 
 
+def check_launch_overrides(text: str | None) -> None:
+    """Check the ``VLLM_TURBOQUANT_TRITON_CONFIG`` text (``CONFIG_ENV``; None or empty = no overrides)
+    before an engine starts, so a typo is refused at start-up rather than at the first launch of a kernel:
+    every family must be one of ``store`` / ``decode`` / ``prefill``, every setting one of that family's
+    (``store_config``, ``decode_config``, ``prefill_config``), every value a positive integer and every
+    ``BLOCK_*`` a power of two (``tl.arange`` needs one). Raises ValueError naming the variable, the bad
+    entry and the accepted values."""
+    from .decode import decode_config  # (these modules import this one)
+    from .prefill import prefill_config
+    from .store import store_config
+
+    bases = {"store": store_config(64), "decode": decode_config(64), "prefill": prefill_config(64, 1)}
+    for family, over in env_overrides(text or "{}").items():
+        for key, value in over.items():
+            if key not in bases[family]:
+                raise ValueError(f"{CONFIG_ENV}: {family} has no launch setting {key!r}; accepted: "
+                                 f"{', '.join(sorted(bases[family]))}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{CONFIG_ENV}: {family}.{key}={value!r}; accepted: a positive integer")
+            if key.startswith("BLOCK_") and value & (value - 1):
+                raise ValueError(f"{CONFIG_ENV}: {family}.{key}={value}; accepted: a power of two (16, 32, 64, ...)")
+
+
 def check_lookup(mode: str) -> str:
     if mode not in LOOKUP_MODES:
         raise ValueError(f"lookup_mode={mode!r}; accepted: {', '.join(LOOKUP_MODES)}")

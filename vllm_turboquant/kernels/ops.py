@@ -20,17 +20,13 @@ from ..layout import CacheFormat, cache_format
 from ..ops import check_sliding_window
 from ..protected import ProtectedTokens
 from ..registry import LayerTables
-from .common import CONFIG_ENV, env_overrides
-from .decode import decode_config
 from .decode import paged_decode as _paged_decode
 from .prefill import prefill as _prefill
-from .prefill import prefill_config
 from .store import store as _store
-from .store import store_config
 
 #: This module's name in ``vllm_turboquant.ops.IMPLEMENTATIONS``.
 NAME = "triton"
-__all__ = ["NAME", "write_cache", "paged_decode", "prefill", "check_launch_overrides"]
+__all__ = ["NAME", "write_cache", "paged_decode", "prefill"]
 
 
 def write_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -58,21 +54,3 @@ def prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: 
                     cache_format(fmt, query.shape[-1]), scale, sliding_window, compressed_chunk, protected=protected,
                     max_query_len=max_query_len, out=out)
 
-
-def check_launch_overrides(text: str | None) -> None:
-    """Check the ``VLLM_TURBOQUANT_TRITON_CONFIG`` text (``common.CONFIG_ENV``; None or empty = no overrides)
-    before an engine starts, so a typo is refused at start-up rather than at the first launch of a kernel:
-    every family must be one of ``store`` / ``decode`` / ``prefill``, every setting one of that family's
-    (``store_config``, ``decode_config``, ``prefill_config``), every value a positive integer and every
-    ``BLOCK_*`` a power of two (``tl.arange`` needs one). Raises ValueError naming the variable, the bad
-    entry and the accepted values."""
-    bases = {"store": store_config(64), "decode": decode_config(64), "prefill": prefill_config(64, 1)}
-    for family, over in env_overrides(text or "{}").items():
-        for key, value in over.items():
-            if key not in bases[family]:
-                raise ValueError(f"{CONFIG_ENV}: {family} has no launch setting {key!r}; accepted: "
-                                 f"{', '.join(sorted(bases[family]))}")
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{CONFIG_ENV}: {family}.{key}={value!r}; accepted: a positive integer")
-            if key.startswith("BLOCK_") and value & (value - 1):
-                raise ValueError(f"{CONFIG_ENV}: {family}.{key}={value}; accepted: a power of two (16, 32, 64, ...)")
