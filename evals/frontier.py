@@ -31,9 +31,11 @@ MODELS = {"smollm2": 64, "gemma3": 256}  # eval model -> head_dim
 TARGETS = {"turboquant4": (0.5, 1.0), "turboquant3": (2.0, 2.0), "turboquant2": (8.0, 6.0)}
 BYTES_TOLERANCE = 0.06
 #: compressed-prefill perplexity reports of the ``ppl`` suite (SmolLM2 4 x 1024, Gemma-3 2 x 2048 tokens)
-PPL_SOURCES = ("levers/ppl_{model}", "frontier/{model}", "ppl/{model}")
+PPL_SOURCES = ("levers/ppl_{model}_34bit", "levers/ppl_{model}_3bit", "levers/ppl_{model}", "frontier/{model}",
+               "ppl/{model}")
 #: fact-retrieval reports (100 passages of 1K tokens)
-FACTS_SOURCES = ("facts/{model}_1k", "levers/facts_{model}", "frontier/facts_{model}_1k")
+FACTS_SOURCES = ("facts/{model}_1k", "levers/facts_{model}_34bit", "levers/facts_{model}_3bit", "levers/facts_{model}",
+                 "frontier/facts_{model}_1k")
 FACTS_LENGTH = "1024"
 
 
