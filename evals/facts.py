@@ -236,8 +236,9 @@ def run_facts(llm, model_path: str, cfg: dict[str, Any], text: str, bos_id: int 
 
     tokenizer = llm.get_tokenizer()
     first = int(cfg.get("facts_first", 0))
-    built = build_samples(tokenizer, text, cfg["facts_lengths"], cfg["facts_n"], cfg.get("facts_seed", 0), bos_id)
-    samples = [s for s in built if int(s.id.split("-")[1]) >= first]
+    samples, rebuilt = [], []   # passages to generate; passages 0 .. first-1, built again only to be checked
+    for s in build_samples(tokenizer, text, cfg["facts_lengths"], cfg["facts_n"], cfg.get("facts_seed", 0), bos_id):
+        (samples if int(s.id.split("-")[1]) >= first else rebuilt).append(s)
     params = SamplingParams(max_tokens=cfg.get("facts_gen_toks", 24), temperature=0.0, seed=0)
     outs = llm.generate([TokensPrompt(prompt_token_ids=s.prompt_ids) for s in samples], params, use_tqdm=False)
     result: dict[str, Any] = {}
@@ -248,10 +249,8 @@ def run_facts(llm, model_path: str, cfg: dict[str, Any], text: str, bos_id: int 
         part["n"] += 1
         part["hits"] += hit
         part["samples"][s.id] = {**s.meta(), "answer": answer.strip()[:160], "hit": bool(hit)}
-    if first:
-        for s in built:
-            if int(s.id.split("-")[1]) < first:
-                result[str(s.length)].setdefault("built_sha", {})[s.id] = s.prompt_sha
+    for s in rebuilt:
+        result[str(s.length)].setdefault("built_sha", {})[s.id] = s.prompt_sha
     return result
 
 

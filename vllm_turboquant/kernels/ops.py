@@ -53,4 +53,3 @@ def prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: 
     return _prefill(query, key, value, cache, block_table, query_start_loc, seq_lens, tables,
                     cache_format(fmt, query.shape[-1]), scale, sliding_window, compressed_chunk, protected=protected,
                     max_query_len=max_query_len, out=out)
-
