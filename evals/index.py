@@ -112,6 +112,19 @@ def reproduce_command(records: list[dict], report: Path) -> str:
     return " ".join(shlex.quote(c) for c in cmd)
 
 
+def screen_headline(summary: list[dict]) -> str:
+    """An offline lever screen's numbers: per kind, each lever's held-out error as a ratio to what is served,
+    by bits (``evals.screen.summarise`` rows)."""
+    parts = []
+    for kind in ("key", "value"):
+        rows = sorted((s for s in summary if s["kind"] == kind), key=lambda s: s["bits"])
+        if rows:
+            bits = "/".join(str(s["bits"]) for s in rows)
+            levers = ", ".join(f"`{m}` " + "/".join(f"{s[m + '_ratio']:.2f}" for s in rows) for m in ("vq2", "klt"))
+            parts.append(f"{kind}s, b = {bits}: {levers}")
+    return "MSE vs served at equal bytes, " + "; ".join(parts)
+
+
 def _row_key(path: Path) -> tuple:
     suite = path.parent.name
     return (ORDER.index(suite) if suite in ORDER else len(ORDER), suite, path.stem)
@@ -129,11 +142,15 @@ def render_index(results_dir: Path = RESULTS_DIR) -> str:
          "| suite | model | headline | date | command |", "|---|---|---|---|---|"]
     for path in reports:
         doc = json.loads(path.read_text())
+        suite = path.parent.name
+        label = f"[{suite}]({suite}/{path.stem}.md)" + (f" ({STUDIES[suite]})" if suite in STUDIES else "")
+        if doc.get("kind") == "screen":  # python -m evals.screen: the command is stored whole
+            L.append(f"| {label} | {doc['model']} | {screen_headline(doc['summary'])} | {doc['meta']['date'][:10]} | "
+                     f"`{doc['meta']['command']}` |")
+            continue
         records = doc.get("records") or []
         if not records:
             continue
-        suite = path.parent.name
-        label = f"[{suite}]({suite}/{path.stem}.md)" + (f" ({STUDIES[suite]})" if suite in STUDIES else "")
         date = str(doc.get("meta", {}).get("date", ""))[:10]
         L.append(f"| {label} | {records[0]['model']} | {headline(records)} | {date} | "
                  f"`{reproduce_command(records, path.with_suffix('.md'))}` |")

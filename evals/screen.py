@@ -31,6 +31,7 @@ Runs on the CPU in a minute or two per model (no engine: ``transformers`` captur
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     if not bits or any(not 1 <= b <= MAX_BITS for b in bits):
         ap.error(f"--bits {args.bits!r}: accepted 1..{MAX_BITS}")
 
-    from evals.paths import REPO
+    from evals.paths import REPO, portable_text
     from evals.perplexity import resolve_model
     from vllm_turboquant.calibrate import AUTO_TOKENS, CHUNK, SKIP, builtin_text, capture_kv
 
@@ -247,14 +248,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = screen_model(keys, values, bits)
     out = Path(args.out) if args.out else REPO / "evals" / "results" / "levers" / f"screen_{name}.md"
     command = " ".join(["python -m evals.screen", *(sys.argv[1:] if argv is None else argv)])
-    meta = {"command": command.strip(), "date": datetime.now().strftime("%Y-%m-%d %H:%M"),
+    meta = {"command": portable_text(command.strip()), "date": datetime.now().strftime("%Y-%m-%d %H:%M"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads",
             "tokens": tokens,
             "chunk": CHUNK, "skip": SKIP, "seconds": time.perf_counter() - start,
             "load": load + ["/".join(f"{x:.1f}" for x in os.getloadavg())]}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(name, summarise(rows), meta), encoding="utf-8")
-    print(f"[evals.screen] wrote {out}")
+    summary = summarise(rows)
+    out.write_text(render(name, summary, meta), encoding="utf-8")
+    # the raw rows beside the report, as every stored report has them (``python -m evals.index`` lists it)
+    record = {"kind": "screen", "model": name, "meta": meta, "summary": summary, "rows": rows}
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    print(f"[evals.screen] wrote {out} and {out.with_suffix('.json').name}")
     return 0
 
 

@@ -68,3 +68,7 @@ def test_summarise_ratios():
     (s,) = summarise(rows)
     assert s["heads"] == 2 and s["vq2_ratio"] == pytest.approx(0.75) and s["klt_ratio"] == pytest.approx(0.75)
     assert (s["vq2_worst"], s["vq2_best"]) == (pytest.approx(1.0), pytest.approx(0.5))
+    # the results index's cell for a screen report
+    from evals.index import screen_headline
+
+    assert screen_headline([s]) == "MSE vs served at equal bytes, values, b = 1: `vq2` 0.75, `klt` 0.75"
