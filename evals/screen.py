@@ -120,21 +120,16 @@ def klt_error(train: torch.Tensor, test: torch.Tensor, bits: int) -> tuple[float
 
 
 def screen_head(train: torch.Tensor, test: torch.Tensor, rotation: torch.Tensor, boundaries: torch.Tensor,
-                centroids: torch.Tensor, bits: int, methods=METHODS) -> dict[str, float]:
+                centroids: torch.Tensor, bits: int) -> dict[str, float]:
     """Held-out relative MSE of each method for one head. train / test (N, d) vectors (keys already centred);
     rotation (d, d), boundaries / centroids: the served codebook for ``bits``."""
     from vllm_turboquant.reference import quantize
 
     a, t = unit(train.double()), unit(test.double())
-    out = {}
     codes, _, y = quantize(t.unsqueeze(1), rotation.unsqueeze(0), boundaries.unsqueeze(0))
-    if "served" in methods:
-        out["served"] = float(((y[:, 0] - centroids.double()[codes[:, 0]]) ** 2).sum(-1).mean())
-    if "vq2" in methods:
-        out["vq2"] = vq2_error(a @ rotation.double().T, y[:, 0], centroids.double())
-    if "klt" in methods:
-        out["klt"], _ = klt_error(a, t, bits)
-    return out
+    return {"served": float(((y[:, 0] - centroids.double()[codes[:, 0]]) ** 2).sum(-1).mean()),
+            "vq2": vq2_error(a @ rotation.double().T, y[:, 0], centroids.double()),
+            "klt": klt_error(a, t, bits)[0]}
 
 
 def screen_model(keys: list[torch.Tensor], values: list[torch.Tensor], bits_list: list[int], *, seed: int = 0,
@@ -156,16 +151,18 @@ def screen_model(keys: list[torch.Tensor], values: list[torch.Tensor], bits_list
         raise ValueError(f"need at least two chunks of {chunk} tokens to hold one out, got {n} tokens")
     fit = (pos % chunk >= skip) & (pos < chunk * (n_chunks // 2))
     held = (pos % chunk >= skip) & (pos >= chunk * (n_chunks // 2))
-    rows = []
+    rows, registries = [], {}  # bits -> the served tables (keys and values), fitted once per width
     work = [(kind, b) for kind in ("key", "value") for b in bits_list]
     for kind, b in tqdm(work, desc="screening", unit="kind x bits", disable=not progress):
-        preset = Preset(f"screen-k{b}v{b}", b, b, description="evals.screen")  # not registered: not servable
-        reg = calibrate([k[fit] for k in keys], [v[fit] for v in values], preset, seed=seed)
+        if b not in registries:
+            preset = Preset(f"screen-k{b}v{b}", b, b, description="evals.screen")  # not registered: not servable
+            registries[b] = calibrate([k[fit] for k in keys], [v[fit] for v in values], preset, seed=seed)
         for layer in range(len(keys)):
-            t = reg.layer(layer)
+            t = registries[b].layer(layer)
             x = keys[layer] - t.key_mean if kind == "key" else values[layer]
+            x_fit, x_held = x[fit], x[held]
             for h in range(x.shape[1]):
-                errs = screen_head(x[fit][:, h], x[held][:, h], getattr(t, f"{kind}_rotation")[h],
+                errs = screen_head(x_fit[:, h], x_held[:, h], getattr(t, f"{kind}_rotation")[h],
                                    getattr(t, f"{kind}_boundaries")[h], getattr(t, f"{kind}_centroids")[h], b)
                 rows.append({"kind": kind, "bits": b, "layer": layer, "head": h, **errs})
     return rows
@@ -217,6 +214,10 @@ def render(model: str, summary: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())  # 1/5/15-min load averages
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m evals.screen", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -241,18 +242,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.tokens is not None and args.tokens < 2 * CHUNK:
         ap.error(f"--tokens {args.tokens}: at least {2 * CHUNK} (one chunk of {CHUNK} to fit, one held out)")
 
-    start, load = time.perf_counter(), ["/".join(f"{x:.1f}" for x in os.getloadavg())]
+    start, load = time.perf_counter(), [_load()]
     name, path = resolve_model(args.model)
     tokens = args.tokens or AUTO_TOKENS
     keys, values = capture_kv(path, builtin_text(), tokens, device="cpu")
     rows = screen_model(keys, values, bits)
     out = Path(args.out) if args.out else REPO / "evals" / "results" / "levers" / f"screen_{name}.md"
     command = " ".join(["python -m evals.screen", *(sys.argv[1:] if argv is None else argv)])
-    meta = {"command": portable_text(command.strip()), "date": datetime.now().strftime("%Y-%m-%d %H:%M"),
+    meta = {"command": portable_text(command), "date": datetime.now().strftime("%Y-%m-%d %H:%M"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads",
             "tokens": tokens,
             "chunk": CHUNK, "skip": SKIP, "seconds": time.perf_counter() - start,
-            "load": load + ["/".join(f"{x:.1f}" for x in os.getloadavg())]}
+            "load": load + [_load()]}
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = summarise(rows)
     out.write_text(render(name, summary, meta), encoding="utf-8")
